@@ -1,0 +1,1 @@
+"""MLEdgeDeploy cloud pipeline: everything the Lambda handlers in app.py call."""

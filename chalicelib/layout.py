@@ -1,0 +1,64 @@
+"""The S3 layout of DESIGN.md: one function per kind of key, nothing else builds keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from urllib.parse import unquote_plus
+
+RAW = "raw"
+QUARANTINE = "quarantine"
+SUMMARIES = "summaries"
+DATASETS = "datasets"
+MODELS = "models"
+RELEASES = "releases"
+
+
+def _partition(when: datetime) -> str:
+    return f"dt={when:%Y-%m-%d}/hour={when:%H}"
+
+
+def raw_key(model: str, when: datetime, batch_id: str) -> str:
+    return f"{RAW}/{model}/{_partition(when)}/{batch_id}.jsonl.gz"
+
+
+def quarantine_key(model: str, when: datetime, batch_id: str) -> str:
+    """Rejected records of one batch; `model` is `_unknown` when the record named none we know."""
+    return f"{QUARANTINE}/{model}/{_partition(when)}/{batch_id}.jsonl.gz"
+
+
+def summaries_key(model: str, when: datetime, batch_id: str) -> str:
+    return f"{SUMMARIES}/{model}/{_partition(when)}/{batch_id}.jsonl.gz"
+
+
+def raw_prefix(model: str) -> str:
+    return f"{RAW}/{model}/"
+
+
+def dataset_key(model: str, version: int) -> str:
+    """The dataset snapshot (list of raw objects) a version was trained on."""
+    return f"{DATASETS}/{model}/v{version:05d}/manifest.json"
+
+
+def sagemaker_manifest_key(model: str, version: int) -> str:
+    """The same snapshot as a SageMaker ManifestFile for the `train` channel."""
+    return f"{DATASETS}/{model}/v{version:05d}/train.manifest"
+
+
+def training_output_prefix(model: str) -> str:
+    return f"{MODELS}/{model}/"
+
+
+def champion_key(model: str, version: int) -> str:
+    return f"{RELEASES}/{model}/v{version:05d}/model.onnx"
+
+
+def release_prefix(model: str, version: int) -> str:
+    return f"{RELEASES}/{model}/v{version:05d}/"
+
+
+def model_of_raw_key(key: str) -> str | None:
+    """The model a `raw/` key belongs to; S3 event keys arrive URL-encoded."""
+    parts = unquote_plus(key).split("/")
+    if len(parts) >= 3 and parts[0] == RAW and parts[1]:
+        return parts[1]
+    return None

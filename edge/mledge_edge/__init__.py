@@ -1,0 +1,1 @@
+"""MLEdgeDeploy device agent and SDK."""

@@ -1,0 +1,1 @@
+"""MLEdgeDeploy trainer: the training container's entrypoint and model families."""
