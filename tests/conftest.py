@@ -1,0 +1,77 @@
+"""Shared fixtures: moto in-process AWS with the stage's resources, and stage settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PART_PATHS = [REPO, REPO / "update_format", REPO / "edge", REPO / "training_image", REPO / "devstack"]
+
+# Stage variables that app.py reads at import time (queue names in decorators)
+# must exist before any test imports app (REFERENCES.md, Chalice specifics).
+TEST_ENV = {
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SECURITY_TOKEN": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "MLEDGE_STAGE": "test",
+    "MLEDGE_BUCKET": "mledge-test-data",
+    "MLEDGE_REGISTRY_TABLE": "mledge-test-registry",
+    "MLEDGE_STATE_TABLE": "mledge-test-state",
+    "MLEDGE_TELEMETRY_QUEUE": "mledge-test-telemetry",
+    "MLEDGE_RAW_EVENTS_QUEUE": "mledge-test-raw-events",
+    "MLEDGE_TRAINING_ROLE_ARN": "arn:aws:iam::123456789012:role/mledge-test-training",
+    "MLEDGE_TRAINING_IMAGE_URI": "123456789012.dkr.ecr.us-east-1.amazonaws.com/mledge-training:test",
+    "MLEDGE_BATCH_JOB_QUEUE": "mledge-test-gpu",
+    "MLEDGE_BATCH_JOB_DEFINITION": "mledge-test-training",
+    "MLEDGE_IOT_PRESIGN_ROLE_ARN": "arn:aws:iam::123456789012:role/mledge-test-presign",
+    "POWERTOOLS_METRICS_NAMESPACE": "MLEdgeDeployTest",
+    "POWERTOOLS_SERVICE_NAME": "mledgedeploy",
+    "POWERTOOLS_DEV": "false",
+}
+os.environ.update(TEST_ENV)
+os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python process that imports this checkout's parts."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in PART_PATHS)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
+
+
+@pytest.fixture
+def settings():
+    from chalicelib.settings import Settings
+
+    return Settings.from_env()
+
+
+@pytest.fixture
+def aws(settings) -> Iterator:
+    """moto in-process with the stage's bucket, tables and queues; yields AwsClients."""
+    from moto import mock_aws
+
+    from chalicelib.aws import AwsClients
+    from chalicelib.tables import create_tables
+
+    with mock_aws():
+        clients = AwsClients.for_settings(settings)
+        clients.s3.create_bucket(Bucket=settings.bucket)
+        create_tables(clients.dynamodb, settings.registry_table, settings.state_table)
+        clients.sqs.create_queue(QueueName=settings.telemetry_queue)
+        clients.sqs.create_queue(QueueName=settings.raw_events_queue)
+        yield clients
