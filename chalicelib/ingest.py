@@ -115,7 +115,8 @@ class EmfIngestMetrics:
         counts: dict[str, dict[str, int]] = {}
         for stored in result.objects:
             if stored.written:
-                per_kind = counts.setdefault(stored.model, dict.fromkeys(_METRIC_FOR_KIND.values(), 0))
+                per_kind = counts.setdefault(stored.model,
+                                             dict.fromkeys(_METRIC_FOR_KIND.values(), 0))
                 per_kind[_METRIC_FOR_KIND[stored.kind]] += stored.record_count
         for model, per_kind in sorted(counts.items()):
             metrics = EphemeralMetrics()
