@@ -84,6 +84,16 @@ def lambda_sqs_record(message: dict[str, Any], queue_arn: str, region: str) -> d
     }
 
 
+def complete_eventbridge_event(event: dict[str, Any], queue_arn: str) -> dict[str, Any]:
+    """Fill the fields EventBridge always sends and moto 5.2's SQS target leaves out (`account`)."""
+    arn_parts = queue_arn.split(":")
+    event.setdefault("version", "0")
+    event.setdefault("account", arn_parts[4] if len(arn_parts) > 4 else "123456789012")
+    event.setdefault("region", arn_parts[3] if len(arn_parts) > 3 else "us-east-1")
+    event.setdefault("resources", [])
+    return event
+
+
 def _is_s3_test_event(body: Any) -> bool:
     return isinstance(body, dict) and body.get("Event") == "s3:TestEvent"
 
@@ -164,7 +174,8 @@ class Dispatcher:
                 if route.kind == S3 and _is_s3_test_event(body):
                     self._delete(url, [message])
                     continue
-                assert route.kind in (EVENTBRIDGE, S3)
+                if route.kind == EVENTBRIDGE:
+                    body = complete_eventbridge_event(body, arn)
                 self._deliver(route, url, [message], body)
         return len(messages)
 

@@ -131,13 +131,16 @@ class LocalStack:
     """moto server + mosquitto + IoT bridge + dispatcher, provisioned for one stage."""
 
     def __init__(self, directory: Path | str = DEFAULT_DIRECTORY, *,
-                 project_dir: Path | str = PROJECT_DIR, stage: str = "dev",
+                 project_dir: Path | str = PROJECT_DIR, app_dir: Path | str | None = None,
+                 stage: str = "dev",
                  pipeline_config: Path | str | None = None,
                  extra_env: dict[str, str] | None = None, dispatcher: bool = True,
                  extra_routes: dict[str, str] | None = None, max_attempts: int = 3,
                  start_timeout: float = 60.0) -> None:
         self.directory = Path(directory).resolve()
         self.project_dir = Path(project_dir).resolve()
+        # app.py + .chalice/ to serve; another folder only for tests of the stack itself.
+        self.app_dir = Path(app_dir).resolve() if app_dir else self.project_dir
         self.stage = stage
         self.pipeline_config = Path(pipeline_config).resolve() if pipeline_config else None
         self.extra_env = dict(extra_env or {})
@@ -177,7 +180,7 @@ class LocalStack:
         moto_port, mqtt_port = free_port(), free_port()
         endpoint = f"http://127.0.0.1:{moto_port}"
 
-        self.env = stage_environment(self.project_dir, self.stage)
+        self.env = stage_environment(self.app_dir, self.stage)
         self.env.update({
             "MLEDGE_STAGE": self.env.get("MLEDGE_STAGE", self.stage),
             "AWS_ENDPOINT_URL": endpoint,
@@ -230,7 +233,7 @@ class LocalStack:
     def _start_dispatcher(self, child_env: dict[str, str], queues: list[str]) -> list[dict[str, str]]:
         ready = self.directory / "dispatcher.ready"
         argv = [sys.executable, "-m", "mledge_devstack.dispatcher",
-                "--project-dir", str(self.project_dir), "--stage", self.stage,
+                "--project-dir", str(self.app_dir), "--stage", self.stage,
                 "--dead-letter-dir", str(self.dead_letter_dir), "--ready-file", str(ready),
                 "--max-attempts", str(self.max_attempts)]
         for queue in queues:
