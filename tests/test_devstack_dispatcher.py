@@ -10,7 +10,6 @@ from typing import Any
 import boto3
 import pytest
 from chalice import Chalice
-
 from mledge_devstack.dispatcher import Dispatcher, chalice_invoker
 from mledge_devstack.procs import free_port
 from mledge_devstack.routes import EVENTBRIDGE, SQS, provision_routes, routes_from_app

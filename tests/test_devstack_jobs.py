@@ -6,10 +6,9 @@ import json
 from typing import Any
 
 import pytest
-from moto.iot.models import IoTBackend
-
 from mledge_devstack.jobs import JobsEngine, Outgoing, parse_presigned_source
 from mledge_devstack.topic_rule import apply_topic_rule
+from moto.iot.models import IoTBackend
 
 REGION, ACCOUNT = "us-east-1", "123456789012"
 PLACEHOLDER = "${aws:iot:s3-presigned-url:https://s3.us-east-1.amazonaws.com/bkt/releases/m/v00002/model.onnx.zst}"
@@ -79,7 +78,9 @@ def test_group_target_expands_to_one_execution_per_thing_with_notify_next(engine
     assert execution["jobDocument"]["full"]["url"] == (
         "http://moto/bkt/releases/m/v00002/model.onnx.zst?expires=600")
     # The IoT API (moto's backend) now reports the executions and the job's counts.
-    assert {ex.status for ex in backend.list_job_executions_for_job("job-1", None)[0]} == {"QUEUED"}
+    listed = backend.list_job_executions_for_job("job-1", None)[0]
+    assert sorted((ex.thing_arn.rsplit("/", 1)[-1], ex.status) for ex in listed) == [
+        ("dev-a", "QUEUED"), ("dev-b", "QUEUED")]
     assert backend.describe_job("job-1").job_process_details["numberOfQueuedThings"] == 2
     assert engine.sync() == []  # nothing changed: no repeated notification
 

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from mledge_devstack.procs import port_open, process_group_alive
@@ -54,12 +55,28 @@ def _down(args: argparse.Namespace) -> int:
     except StackError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if info.owner_pid and _alive(info.owner_pid):
+        # `up` is running: let it stop its children the orderly way.
+        os.kill(info.owner_pid, signal.SIGTERM)
+        print(f"asked `up` (pid {info.owner_pid}) to stop the stack")
+        deadline = time.monotonic() + 20
+        while _alive(info.owner_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
     for name, pid in info.pids.items():
         if process_group_alive(pid):
-            os.killpg(pid, signal.SIGTERM)
-            print(f"sent SIGTERM to {name} (process group {pid})")
-    # The `up` process (if any) notices its children are gone and cleans up.
+            os.killpg(pid, signal.SIGKILL)
+            print(f"killed {name} (process group {pid})")
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _status(args: argparse.Namespace) -> int:

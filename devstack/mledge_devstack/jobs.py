@@ -202,6 +202,10 @@ class JobsEngine:
         for target in job.targets:
             if ":thinggroup/" in target:
                 group = _thing_name(target)
+                bogus = self.backend.job_executions.get((job.job_id, group))
+                if bogus is not None and bogus.thing_arn == target:
+                    # moto makes an "execution" for the group ARN as if it were a thing.
+                    del self.backend.job_executions[(job.job_id, group)]
                 try:
                     things = [(t.thing_name, t.arn) for t in
                               self.backend.list_things_in_thing_group(group)]

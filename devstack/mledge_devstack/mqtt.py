@@ -35,6 +35,7 @@ class MqttClient:
                  keep_alive_secs: int = 30) -> None:
         self.credentials = credentials
         self.host, self.port = host, port
+        self.connected = False
         self._connection: mqtt.Connection = mqtt_connection_builder.mtls_from_path(
             endpoint=host, port=port,
             cert_filepath=str(credentials.cert_path),
@@ -52,13 +53,17 @@ class MqttClient:
         return self.credentials.name
 
     def connect(self, timeout: float = 10.0) -> MqttClient:
+        if self.connected:
+            return self
         try:
             self._connection.connect().result(timeout)
         except (FutureTimeout, Exception) as exc:
             raise MqttError(f"{self.name}: cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self.connected = True
         return self
 
     def disconnect(self, timeout: float = 5.0) -> None:
+        self.connected = False
         try:
             self._connection.disconnect().result(timeout)
         except Exception as exc:  # already gone: nothing to release

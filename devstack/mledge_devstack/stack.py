@@ -96,6 +96,7 @@ class StackInfo:
     env: dict[str, str]
     pids: dict[str, int] = field(default_factory=dict)
     routes: list[dict[str, str]] = field(default_factory=list)
+    owner_pid: int = 0  # the process that started (and will stop) the stack
 
     @classmethod
     def load(cls, directory: Path = DEFAULT_DIRECTORY) -> StackInfo:
@@ -225,7 +226,7 @@ class LocalStack:
             endpoint_url=endpoint, mqtt_host="localhost", mqtt_port=mqtt_port,
             ca_path=str(self.ca.ca_path), certs_dir=str(self.certs_dir),
             dead_letter_dir=str(self.dead_letter_dir), env=self.env, pids=self.pids(),
-            routes=routes,
+            routes=routes, owner_pid=os.getpid(),
         )
         (self.directory / "env.json").write_text(json.dumps(asdict(self.info), indent=2))
         log.info("local stack up: moto %s, mosquitto localhost:%d", endpoint, mqtt_port)
