@@ -384,19 +384,23 @@ class JobsEngine:
 
     # ------------------------------------------------------------------- next
 
+    def _pending_by_thing(self) -> dict[str, list[str]]:
+        """Pending job ids per thing: IN_PROGRESS first, then QUEUED, oldest first (one pass)."""
+        rows: dict[str, list[tuple[int, Any, str]]] = {}
+        for (job_id, thing), ex in self._executions():
+            rows.setdefault(thing, [])
+            if ex.status in PENDING and job_id in self.backend.jobs:
+                rows[thing].append((PENDING.index(ex.status), ex.queued_at, job_id))
+        return {thing: [job_id for *_ignored, job_id in sorted(r)] for thing, r in rows.items()}
+
     def _pending(self, thing: str) -> list[str]:
-        """Pending job ids for a thing: IN_PROGRESS first, then QUEUED, oldest first."""
-        rows = []
-        for (job_id, name), ex in self._executions():
-            if name == thing and ex.status in PENDING and job_id in self.backend.jobs:
-                rows.append((PENDING.index(ex.status), ex.queued_at, job_id))
-        return [job_id for *_ignored, job_id in sorted(rows)]
+        return self._pending_by_thing().get(thing, [])
 
     def _notify_changes(self, now: float) -> list[Outgoing]:
-        things = {thing for (_j, thing), _ex in self._executions()} | set(self._notified_next)
+        by_thing = self._pending_by_thing()
         out = []
-        for thing in sorted(things):
-            pending = self._pending(thing)
+        for thing in sorted(set(by_thing) | set(self._notified_next)):
+            pending = by_thing.get(thing, [])
             current = None
             if pending:
                 current = (pending[0], self.backend.job_executions[(pending[0], thing)]
