@@ -230,9 +230,23 @@ def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     return b"".join(parts)
 
 
+# Below this size the maker also tries the plain layout (no regions: zstd with the old
+# model as dictionary) and keeps the smaller; per-plane frame headers cost more than
+# they save on a model of a few kB.
+TRY_BOTH_BELOW = 1 << 20
+
+
 def make(old: bytes, new: bytes) -> bytes:
-    old_by_key = {r.key: r for r in numeric_regions(old)}
     new_regions = numeric_regions(new)
+    body = _make_body(old, new, numeric_regions(old), new_regions)
+    if new_regions and len(new) < TRY_BOTH_BELOW:
+        plain = _make_body(old, new, [], [])
+        body = min(body, plain, key=len)
+    return write_envelope(MAGIC, old, new, body)
+
+
+def _make_body(old: bytes, new: bytes, old_regions: list[Region], new_regions: list[Region]) -> bytes:
+    old_by_key = {r.key: r for r in old_regions}
     body = bytearray()
     put_varint(body, len(new_regions))
     streams: dict[tuple[int, int], list[bytes]] = {}
@@ -268,7 +282,7 @@ def make(old: bytes, new: bytes) -> bytes:
     )
     put_varint(body, len(rest_frame))
     body += rest_frame
-    return write_envelope(MAGIC, old, new, bytes(body))
+    return bytes(body)
 
 
 def _apply_body(old: bytes, body: bytes, new_size: int) -> bytes:
