@@ -288,9 +288,13 @@ def _make_body(old: bytes, new: bytes, old_regions: list[Region], new_regions: l
 def _apply_body(old: bytes, body: bytes, new_size: int) -> bytes:
     reader = Reader(body, NAME)
     regions: list[tuple[int, int, int, int]] = []
+    covered = 0
     for _ in range(reader.varint(new_size)):
         gap = reader.varint(new_size)
         length = reader.varint(new_size)
+        covered += gap + length
+        if covered > new_size:  # refuse before allocating anything a corrupt table asks for
+            raise reader.fail("regions extend past the declared size")
         width = reader.varint(MAX_WIDTH)
         base = reader.varint(len(old)) - 1
         if width == 0 or length % width:
