@@ -44,7 +44,8 @@ def _required(env: Mapping[str, str], name: str) -> str:
     return value
 
 
-def run(env: Mapping[str, str], s3: Any, *, python: str = sys.executable) -> int:
+def run(env: Mapping[str, str], s3: Any, *, python: str = sys.executable,
+        module: str = "trainer.entrypoint") -> int:
     """Run one Batch training attempt; returns the process exit code."""
     output_uri = _required(env, "MLEDGE_OUTPUT_URI")
     if not output_uri.endswith("/"):
@@ -61,7 +62,8 @@ def run(env: Mapping[str, str], s3: Any, *, python: str = sys.executable) -> int
             hyperparameters=hyperparameters,
         )
         timeout = float(env.get("MLEDGE_MAX_RUNTIME_SECONDS") or 0) or None
-        result = run_trainer(base_dir, python=python, env=dict(env), timeout=timeout)
+        result = run_trainer(base_dir, python=python, module=module, env=dict(env),
+                             timeout=timeout)
     except (LauncherError, ChannelError, json.JSONDecodeError, OSError) as exc:
         return _fail(s3, base_dir, output_uri, f"launcher: {exc}")
     if not result.succeeded:
