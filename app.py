@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from chalice import Chalice, IAMAuthorizer
+from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, SQSEvent
 
-from chalicelib import completion, ingest, operator_api
+from chalicelib import completion, ingest, operator_api, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -16,6 +16,7 @@ app = Chalice(app_name="mledgedeploy")
 # Read at import time: the decorator needs the queue name when chalice packages the app
 # (tests/conftest.py sets it before importing app; .chalice/config.json per stage).
 TELEMETRY_QUEUE = os.environ.get("MLEDGE_TELEMETRY_QUEUE", "mledge-dev-telemetry")
+RAW_EVENTS_QUEUE = os.environ.get("MLEDGE_RAW_EVENTS_QUEUE", "mledge-dev-raw-events")
 
 
 @app.on_sqs_message(queue=TELEMETRY_QUEUE, batch_size=ingest.INGEST_BATCH_SIZE,
@@ -24,6 +25,23 @@ def ingest_telemetry(event: SQSEvent) -> None:
     rt = get_runtime()
     ingest.ingest_sqs_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
                             config=rt.config)
+
+
+# --- retrain trigger (chalicelib/trigger.py): S3 raw/ events via SQS, and a schedule tick ---
+# S3 -> SQS -> on_sqs_message, because `chalice package` refuses on_s3_event; the
+# handler also takes a direct S3 event, so @app.on_s3_event works with `chalice deploy`.
+
+@app.on_sqs_message(queue=RAW_EVENTS_QUEUE, batch_size=10)
+def on_raw_objects_created(event: SQSEvent) -> None:
+    rt = get_runtime()
+    trigger.handle_raw_events(event.to_dict(), clients=rt.clients, settings=rt.settings,
+                              config=rt.config)
+
+
+@app.schedule(Rate(trigger.SCHEDULE_TICK_MINUTES, unit=Rate.MINUTES))
+def retrain_on_schedule(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    trigger.run_scheduled_trainings(clients=rt.clients, settings=rt.settings, config=rt.config)
 
 
 # --- training completion -> registry + gate (chalicelib/completion.py) ---------------
