@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     for change in changes:
         before = "(unset)" if change.old is None else change.old
         print(f"{verb} {change.variable}: {before} -> {change.new}")
-    unchanged = len(values) - len(changes)
+    unchanged = len({"MLEDGE_STAGE", *values}) - len(changes)
     print(f"{args.chalice_config}: stage {args.stage}: {len(changes)} changed, {unchanged} unchanged")
     return 0
 

@@ -45,7 +45,9 @@ def lint_text(text: str) -> list[str]:
     return [str(match) for match in lint(text, ManualArgs())]
 
 
-def deploy_stacks(stage: str, *, region: str = "us-east-1") -> dict[str, dict[str, str]]:
+def deploy_stacks(
+    stage: str, *, region: str = "us-east-1", training: bool = True
+) -> dict[str, dict[str, str]]:
     """Create both stacks in the active moto mock; returns outputs by stack name.
 
     moto needs three things real AWS does not: a Batch service role (real
@@ -79,6 +81,8 @@ def deploy_stacks(stage: str, *, region: str = "us-east-1") -> dict[str, dict[st
             },
         ),
     }
+    if not training:
+        del stacks[f"mledge-{stage}-training"]
     outputs: dict[str, dict[str, str]] = {}
     for name, (path, parameters) in stacks.items():
         cfn.create_stack(
