@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
             -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        parser.set_defaults(handler=_guarded(handler))
+        parser.set_defaults(func=_guarded(handler))
         return parser
 
     add("models", "list the models with their current release and latest version", cmd_models)
