@@ -1,4 +1,6 @@
-"""Helpers for the registry, gate, completion and operator tests (moto-backed)."""
+"""Helpers and fixtures for the registry, gate, completion and operator tests (moto-backed).
+
+Loaded as a pytest plugin by tests/conftest.py (`pytest_plugins`)."""
 
 from __future__ import annotations
 
@@ -150,7 +152,7 @@ def received_details(aws: Any, queue_url: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def config() -> PipelineConfig:
+def pipeline_config() -> PipelineConfig:
     return load_pipeline_config(DEFAULT_PIPELINE_CONFIG)
 
 
@@ -160,13 +162,13 @@ def registry(aws, settings) -> Registry:
 
 
 @pytest.fixture
-def state(aws, settings) -> StateStore:
+def state_store(aws, settings) -> StateStore:
     return StateStore(settings.state_table, aws.dynamodb)
 
 
 @pytest.fixture
-def runtime(aws, settings, config) -> Iterator[Runtime]:
-    rt = Runtime(settings=settings, clients=aws, config=config)
+def app_runtime(aws, settings, pipeline_config) -> Iterator[Runtime]:
+    rt = Runtime(settings=settings, clients=aws, config=pipeline_config)
     set_runtime(rt)
     yield rt
     set_runtime(None)

@@ -11,20 +11,16 @@ from chalice.test import Client
 
 from chalicelib.completion import identify_job, parse_batch_event
 from chalicelib.registry import Status
-from tests.registry_support import (  # noqa: F401  (fixtures)
+from tests.registry_support import (
     ONNX_BYTES,
     approved_events_queue,
     batch_event_detail,
-    config,
     metrics_doc,
     put_artifact,
     received_details,
-    registry,
     released_version_with,
-    runtime,
     sagemaker_event_detail,
     start_version,
-    state,
 )
 
 VIB = "vibration-anomaly"
@@ -32,7 +28,7 @@ DIGITS = "digits"
 
 
 @pytest.fixture
-def client(runtime) -> Iterator[Client]:
+def client(app_runtime) -> Iterator[Client]:
     import app
 
     with Client(app.app) as test_client:
@@ -61,8 +57,8 @@ def _batch(client: Client, detail: dict[str, Any]) -> None:
 
 
 def test_completed_job_that_passes_the_gate_is_approved_and_announced(
-        client, aws, settings, registry, state, approved_queue):
-    version, name = start_version(registry, state, VIB)
+        client, aws, settings, registry, state_store, approved_queue):
+    version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.52))
     _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
 
@@ -72,28 +68,28 @@ def test_completed_job_that_passes_the_gate_is_approved_and_announced(
     assert "silhouette 0.5200 ≥ threshold 0.3000: pass" in record.gate["reasons"]
     assert record.metrics["challenger"]["silhouette"] == 0.52
     assert record.artifact == artifact
-    assert state.training_lock(VIB) is None
+    assert state_store.training_lock(VIB) is None
     assert received_details(aws, approved_queue) == [
         {"model": VIB, "version": version, "artifact": artifact, "manual": False}]
 
 
 def test_completed_job_below_threshold_is_rejected_with_reasons(
-        client, aws, settings, registry, state, approved_queue):
-    version, name = start_version(registry, state, VIB)
+        client, aws, settings, registry, state_store, approved_queue):
+    version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.12))
     _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
 
     record = registry.get(VIB, version)
     assert record.status is Status.REJECTED
     assert "silhouette 0.1200 < threshold 0.3000: FAIL" in record.gate["reasons"]
-    assert state.training_lock(VIB) is None
+    assert state_store.training_lock(VIB) is None
     assert received_details(aws, approved_queue) == []
 
 
 def test_challenger_not_better_than_the_released_champion_is_rejected(
-        client, aws, settings, registry, state, approved_queue):
-    released_version_with(registry, state, DIGITS, aws, settings.bucket, 0.95)
-    version, name = start_version(registry, state, DIGITS, backend="batch")
+        client, aws, settings, registry, state_store, approved_queue):
+    released_version_with(registry, state_store, DIGITS, aws, settings.bucket, 0.95)
+    version, name = start_version(registry, state_store, DIGITS, backend="batch")
     put_artifact(aws, settings.bucket, DIGITS, name,
                  metrics_doc(family="classifier", metric="accuracy", challenger=0.952,
                              champion=0.95, train=800))
@@ -107,9 +103,9 @@ def test_challenger_not_better_than_the_released_champion_is_rejected(
     assert received_details(aws, approved_queue) == []
 
 
-def test_local_backend_events_use_the_sagemaker_shape(client, aws, settings, registry, state,
+def test_local_backend_events_use_the_sagemaker_shape(client, aws, settings, registry, state_store,
                                                       approved_queue):
-    version, name = start_version(registry, state, VIB, backend="local")
+    version, name = start_version(registry, state_store, VIB, backend="local")
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.6))
     _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact), local=True)
     assert registry.get(VIB, version).status is Status.APPROVED
@@ -117,58 +113,58 @@ def test_local_backend_events_use_the_sagemaker_shape(client, aws, settings, reg
 
 
 def test_failed_sagemaker_job_is_recorded_with_its_reason_and_frees_the_lock(
-        client, registry, state):
-    version, name = start_version(registry, state, VIB)
+        client, registry, state_store):
+    version, name = start_version(registry, state_store, VIB)
     _sagemaker(client, sagemaker_event_detail(
         name, "Failed", failure="AlgorithmError: too few records (12 < 50)"))
     record = registry.get(VIB, version)
     assert record.status is Status.FAILED
     assert record.failure_reason == "AlgorithmError: too few records (12 < 50)"
-    assert state.training_lock(VIB) is None
+    assert state_store.training_lock(VIB) is None
 
 
-def test_stopped_sagemaker_job_is_failed(client, registry, state):
-    version, name = start_version(registry, state, VIB)
+def test_stopped_sagemaker_job_is_failed(client, registry, state_store):
+    version, name = start_version(registry, state_store, VIB)
     _sagemaker(client, sagemaker_event_detail(name, "Stopped"))
     assert registry.get(VIB, version).failure_reason == "training job was stopped"
 
 
-def test_failed_batch_job_reason_includes_container_reason_and_exit_code(client, registry, state):
-    version, name = start_version(registry, state, DIGITS, backend="batch")
+def test_failed_batch_job_reason_includes_container_reason_and_exit_code(client, registry, state_store):
+    version, name = start_version(registry, state_store, DIGITS, backend="batch")
     _batch(client, batch_event_detail(name, "FAILED", reason="Essential container in task exited",
                                       exit_code=137))
     record = registry.get(DIGITS, version)
     assert record.status is Status.FAILED
     assert record.failure_reason == ("Essential container in task exited; OutOfMemoryError: "
                                      "Container killed; exit code 137")
-    assert state.training_lock(DIGITS) is None
+    assert state_store.training_lock(DIGITS) is None
 
 
 @pytest.mark.parametrize("status", ["InProgress", "Stopping"])
-def test_intermediate_sagemaker_states_change_nothing(client, registry, state, status):
-    version, name = start_version(registry, state, VIB)
+def test_intermediate_sagemaker_states_change_nothing(client, registry, state_store, status):
+    version, name = start_version(registry, state_store, VIB)
     _sagemaker(client, sagemaker_event_detail(name, status))
     assert registry.get(VIB, version).status is Status.TRAINING
-    assert state.training_lock(VIB).version == version
+    assert state_store.training_lock(VIB).version == version
 
 
 @pytest.mark.parametrize("status", ["SUBMITTED", "RUNNABLE", "STARTING", "RUNNING"])
-def test_intermediate_batch_states_change_nothing(client, registry, state, status):
-    version, name = start_version(registry, state, DIGITS, backend="batch")
+def test_intermediate_batch_states_change_nothing(client, registry, state_store, status):
+    version, name = start_version(registry, state_store, DIGITS, backend="batch")
     _batch(client, batch_event_detail(name, status))
     assert registry.get(DIGITS, version).status is Status.TRAINING
-    assert state.training_lock(DIGITS).version == version
+    assert state_store.training_lock(DIGITS).version == version
 
 
-def test_duplicate_completion_event_does_nothing(client, aws, settings, registry, state,
+def test_duplicate_completion_event_does_nothing(client, aws, settings, registry, state_store,
                                                  approved_queue):
-    version, name = start_version(registry, state, VIB)
+    version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.52))
     detail = sagemaker_event_detail(name, "Completed", artifact=artifact)
     _sagemaker(client, detail)
     before = registry.get(VIB, version)
     # the next training has taken the lock meanwhile: a late duplicate must not free it
-    next_version, _ = start_version(registry, state, VIB)
+    next_version, _ = start_version(registry, state_store, VIB)
     _sagemaker(client, detail)
     _sagemaker(client, detail)
 
@@ -176,25 +172,25 @@ def test_duplicate_completion_event_does_nothing(client, aws, settings, registry
     assert after.status is Status.APPROVED
     assert after.history == before.history
     assert len(received_details(aws, approved_queue)) == 1
-    assert state.training_lock(VIB).version == next_version
+    assert state_store.training_lock(VIB).version == next_version
 
 
-def test_a_failure_event_after_approval_does_not_undo_it(client, aws, settings, registry, state):
-    version, name = start_version(registry, state, VIB)
+def test_a_failure_event_after_approval_does_not_undo_it(client, aws, settings, registry, state_store):
+    version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.52))
     _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
     _sagemaker(client, sagemaker_event_detail(name, "Failed", failure="late"))
     assert registry.get(VIB, version).status is Status.APPROVED
 
 
-def test_missing_artifact_fails_the_version(client, settings, registry, state):
-    version, name = start_version(registry, state, VIB)
+def test_missing_artifact_fails_the_version(client, settings, registry, state_store):
+    version, name = start_version(registry, state_store, VIB)
     artifact = f"s3://{settings.bucket}/models/{VIB}/{name}/output/model.tar.gz"
     _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
     record = registry.get(VIB, version)
     assert record.status is Status.FAILED
     assert record.failure_reason == f"model artifact {artifact} not found"
-    assert state.training_lock(VIB) is None
+    assert state_store.training_lock(VIB) is None
 
 
 @pytest.mark.parametrize(("members", "raw", "reason"), [
@@ -207,8 +203,8 @@ def test_missing_artifact_fails_the_version(client, settings, registry, state):
      "does not match metrics.json's onnx.sha256"),
 ])
 def test_corrupt_artifact_fails_the_version_with_the_reason(client, aws, settings, registry,
-                                                            state, members, raw, reason):
-    version, name = start_version(registry, state, VIB)
+                                                            state_store, members, raw, reason):
+    version, name = start_version(registry, state_store, VIB)
     if raw is not None:
         key = f"models/{VIB}/{name}/output/model.tar.gz"
         aws.s3.put_object(Bucket=settings.bucket, Key=key, Body=raw)
@@ -219,7 +215,7 @@ def test_corrupt_artifact_fails_the_version_with_the_reason(client, aws, setting
     record = registry.get(VIB, version)
     assert record.status is Status.FAILED
     assert reason in record.failure_reason
-    assert state.training_lock(VIB) is None
+    assert state_store.training_lock(VIB) is None
 
 
 def test_a_job_that_is_not_ours_is_ignored(client, registry):
@@ -227,16 +223,16 @@ def test_a_job_that_is_not_ours_is_ignored(client, registry):
     assert registry.list_versions(VIB) == []
 
 
-def test_unknown_version_frees_a_lock_it_holds(client, state):
-    assert state.acquire_training_lock(VIB, 7, "mledge-vibration-anomaly-v7-x")
+def test_unknown_version_frees_a_lock_it_holds(client, state_store):
+    assert state_store.acquire_training_lock(VIB, 7, "mledge-vibration-anomaly-v7-x")
     _sagemaker(client, sagemaker_event_detail("mledge-vibration-anomaly-v7-x", "Failed",
                                               failure="boom"))
-    assert state.training_lock(VIB) is None
+    assert state_store.training_lock(VIB) is None
 
 
 def test_failed_announcement_is_retried_by_the_next_delivery(client, aws, settings, registry,
-                                                             state, approved_queue, monkeypatch):
-    version, name = start_version(registry, state, VIB)
+                                                             state_store, approved_queue, monkeypatch):
+    version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.52))
     detail = sagemaker_event_detail(name, "Completed", artifact=artifact)
     real_put_events = aws.events.put_events

@@ -8,17 +8,17 @@ import pytest
 
 from chalicelib.config import PipelineConfig
 from chalicelib.gate import evaluate
-from tests.registry_support import config, metrics_doc  # noqa: F401  (fixture)
+from tests.registry_support import metrics_doc
 
 
 @pytest.fixture
-def vib(config: PipelineConfig):  # threshold 0.30, min_improvement 0.0, min_train 1500
-    return config.model("vibration-anomaly")
+def vib(pipeline_config: PipelineConfig):  # threshold 0.30, min_improvement 0.0, min_train 1500
+    return pipeline_config.model("vibration-anomaly")
 
 
 @pytest.fixture
-def digits(config: PipelineConfig):  # threshold 0.93, min_improvement 0.005, min_train 100
-    return config.model("digits")
+def digits(pipeline_config: PipelineConfig):  # threshold 0.93, min_improvement 0.005, min_train 100
+    return pipeline_config.model("digits")
 
 
 def _check(decision, rule: str):

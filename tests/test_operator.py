@@ -2,38 +2,32 @@
 
 from __future__ import annotations
 
+import gzip
 import json
-import sys
-import types
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from chalice.test import Client
 
 from chalicelib.operator import NothingToRollBackError, Operator
 from chalicelib.registry import ConflictError, Status, TransitionError
+from chalicelib.trigger import NoDataError, TrainingInProgressError
 from mledge_ops.cli import main
-from tests.registry_support import (  # noqa: F401  (fixtures)
+from tests.registry_support import (
     approved_events_queue,
-    config,
     metrics_doc,
     put_artifact,
     received_details,
-    registry,
     released_version_with,
-    runtime,
     start_version,
-    state,
 )
 
 VIB = "vibration-anomaly"
 
 
 @pytest.fixture
-def op(runtime) -> Operator:
-    return Operator(clients=runtime.clients, settings=runtime.settings, config=runtime.config)
+def op(app_runtime) -> Operator:
+    return Operator(clients=app_runtime.clients, settings=app_runtime.settings, config=app_runtime.config)
 
 
 @pytest.fixture
@@ -45,28 +39,28 @@ pytestmark = pytest.mark.filterwarnings("ignore:IAMAuthorizer is not a supported
 
 
 @pytest.fixture
-def http(runtime) -> Iterator[Client]:
+def http(app_runtime) -> Iterator[Client]:
     import app
 
     with Client(app.app) as client:
         yield client
 
 
-def _rejected(registry, state, aws, bucket, score: float = 0.2) -> tuple[int, str]:
-    version, name = start_version(registry, state, VIB)
+def _rejected(registry, state_store, aws, bucket, score: float = 0.2) -> tuple[int, str]:
+    version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, bucket, VIB, name, metrics_doc(challenger=score))
     registry.transition(VIB, version, Status.REJECTED, expected=[Status.TRAINING],
                         reason="gate", artifact=artifact,
                         gate={"approved": False, "reasons": ["silhouette 0.2000 < threshold"]})
-    state.release_training_lock(VIB, version)
+    state_store.release_training_lock(VIB, version)
     return version, artifact
 
 
-def _fleet(registry, state, aws, bucket) -> list[int]:
+def _fleet(registry, state_store, aws, bucket) -> list[int]:
     """v1 released then superseded by v2 (released), v3 rejected."""
-    v1 = released_version_with(registry, state, VIB, aws, bucket, 0.40)
-    v2 = released_version_with(registry, state, VIB, aws, bucket, 0.45)
-    v3, _ = _rejected(registry, state, aws, bucket)
+    v1 = released_version_with(registry, state_store, VIB, aws, bucket, 0.40)
+    v2 = released_version_with(registry, state_store, VIB, aws, bucket, 0.45)
+    v3, _ = _rejected(registry, state_store, aws, bucket)
     return [v1, v2, v3]
 
 
@@ -74,8 +68,8 @@ def _fleet(registry, state, aws, bucket) -> list[int]:
 
 
 def test_promote_records_an_override_and_announces_a_manual_approval(
-        op, aws, settings, registry, state, approved_queue):
-    version, artifact = _rejected(registry, state, aws, settings.bucket)
+        op, aws, settings, registry, state_store, approved_queue):
+    version, artifact = _rejected(registry, state_store, aws, settings.bucket)
     result = op.promote(VIB, version, reason="field test shows it is fine", actor="ana")
     assert result.announced
     record = registry.get(VIB, version)
@@ -92,19 +86,19 @@ def test_promote_records_an_override_and_announces_a_manual_approval(
     assert received_details(aws, approved_queue) == []
 
 
-def test_promote_refuses_failed_versions_and_needs_a_reason(op, registry, state, aws, settings):
-    version, _ = _rejected(registry, state, aws, settings.bucket)
+def test_promote_refuses_failed_versions_and_needs_a_reason(op, registry, state_store, aws, settings):
+    version, _ = _rejected(registry, state_store, aws, settings.bucket)
     with pytest.raises(ValueError, match="needs a reason"):
         op.promote(VIB, version, reason="  ", actor="ana")
-    failed, _ = start_version(registry, state, VIB)
+    failed, _ = start_version(registry, state_store, VIB)
     registry.transition(VIB, failed, Status.FAILED, expected=[Status.TRAINING])
     with pytest.raises(TransitionError, match="is FAILED"):
         op.promote(VIB, failed, reason="x", actor="ana")
 
 
 def test_rollback_announces_the_previous_release_with_rollback_true(
-        op, aws, settings, registry, state, approved_queue):
-    v1, v2, _ = _fleet(registry, state, aws, settings.bucket)
+        op, aws, settings, registry, state_store, approved_queue):
+    v1, v2, _ = _fleet(registry, state_store, aws, settings.bucket)
     request = op.rollback(VIB, reason="v2 drifts on line 3", actor="ana")
     assert (request.version, request.replaces) == (v1, v2)
     details = received_details(aws, approved_queue)
@@ -119,15 +113,15 @@ def test_rollback_announces_the_previous_release_with_rollback_true(
         "reason"]
 
 
-def test_rollback_to_a_named_version_and_its_refusals(op, aws, settings, registry, state,
+def test_rollback_to_a_named_version_and_its_refusals(op, aws, settings, registry, state_store,
                                                       approved_queue):
     with pytest.raises(NothingToRollBackError, match="has no release"):
         op.rollback(VIB)
-    v1 = released_version_with(registry, state, VIB, aws, settings.bucket, 0.40)
+    v1 = released_version_with(registry, state_store, VIB, aws, settings.bucket, 0.40)
     with pytest.raises(NothingToRollBackError, match="no earlier release than v1"):
         op.rollback(VIB)
-    v2 = released_version_with(registry, state, VIB, aws, settings.bucket, 0.45)
-    v3, _ = _rejected(registry, state, aws, settings.bucket)
+    v2 = released_version_with(registry, state_store, VIB, aws, settings.bucket, 0.45)
+    v3, _ = _rejected(registry, state_store, aws, settings.bucket)
     with pytest.raises(ConflictError, match="already the current release"):
         op.rollback(VIB, to=v2)
     with pytest.raises(ConflictError, match="only a version that was released before"):
@@ -135,44 +129,34 @@ def test_rollback_to_a_named_version_and_its_refusals(op, aws, settings, registr
     assert op.rollback(VIB, to=v1).version == v1
 
 
-def test_train_calls_the_trigger_with_the_stage(op, monkeypatch):
-    calls = _fake_trigger(monkeypatch)
-    started = op.train(VIB, reason="operator")
-    assert started.version == 9
-    assert calls == [(VIB, "operator", op.settings, op.config)]
+def _seed_raw_data(aws, bucket: str, state_store, model: str = VIB,
+                   records: int = 1200) -> None:
+    """What ingest leaves behind: one raw object and the new-record count."""
+    body = gzip.compress(b'{"id": "t-1", "ts": 1.0, "features": [0, 0, 0, 0, 0, 0, 0, 0]}\n')
+    aws.s3.put_object(Bucket=bucket, Key=f"raw/{model}/dt=2026-01-01/hour=00/b1.jsonl.gz",
+                      Body=body, Metadata={"record-count": str(records)})
+    state_store.add_new_records(model, records)
 
 
-@dataclass
-class _Started:
-    model: str
-    version: int
-    job_name: str
-
-
-def _fake_trigger(monkeypatch, *, refuse: bool = False) -> list[tuple[Any, ...]]:
-    """A stand-in for chalicelib.trigger (another part) that records its calls."""
-    calls: list[tuple[Any, ...]] = []
-    # named like the trigger's own refusals, from its module
-    TrainingAlreadyRunningError = type("TrainingAlreadyRunningError", (Exception,),  # noqa: N806
-                                       {"__module__": "chalicelib.trigger"})
-
-    def start_training(model_name, *, clients, settings, config, reason):
-        if refuse:
-            raise TrainingAlreadyRunningError(f"{model_name} v8 is already training")
-        calls.append((model_name, reason, settings, config))
-        return _Started(model_name, 9, f"mledge-{model_name}-v9-x")
-
-    module = types.ModuleType("chalicelib.trigger")
-    module.start_training = start_training  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "chalicelib.trigger", module)
-    return calls
+def test_train_starts_a_job_through_the_trigger(op, aws, settings, registry, state_store):
+    _seed_raw_data(aws, settings.bucket, state_store)
+    started = op.train(VIB, reason="new site")
+    assert (started.model, started.version, started.backend) == (VIB, 1, "sagemaker")
+    record = registry.get(VIB, 1)
+    assert record.status is Status.TRAINING
+    assert record.lineage["trigger"] == "new site"
+    assert state_store.training_lock(VIB).version == 1
+    with pytest.raises(TrainingInProgressError):
+        op.train(VIB, reason="again")
+    with pytest.raises(NoDataError):
+        op.train("digits", reason="nothing ingested")
 
 
 # ---------------------------------------------------------------- HTTP routes
 
 
-def test_routes_read_models_versions_and_one_version(http, aws, settings, registry, state):
-    v1, v2, v3 = _fleet(registry, state, aws, settings.bucket)
+def test_routes_read_models_versions_and_one_version(http, aws, settings, registry, state_store):
+    v1, v2, v3 = _fleet(registry, state_store, aws, settings.bucket)
     models = http.http.get("/models")
     assert models.status_code == 200
     by_name = {m["model"]: m for m in models.json_body["models"]}
@@ -200,8 +184,8 @@ def test_routes_answer_404_for_unknown_models_and_versions(http):
     assert http.http.get(f"/models/{VIB}/versions/latest").status_code == 400
 
 
-def test_promote_route_and_its_conflict(http, aws, settings, registry, state, approved_queue):
-    version, _ = _rejected(registry, state, aws, settings.bucket)
+def test_promote_route_and_its_conflict(http, aws, settings, registry, state_store, approved_queue):
+    version, _ = _rejected(registry, state_store, aws, settings.bucket)
     body = json.dumps({"reason": "ok after review"})
     headers = {"Content-Type": "application/json"}
     first = http.http.post(f"/models/{VIB}/versions/{version}/promote", body=body,
@@ -218,11 +202,11 @@ def test_promote_route_and_its_conflict(http, aws, settings, registry, state, ap
     assert len(received_details(aws, approved_queue)) == 1
 
 
-def test_rollback_route_and_its_conflict(http, aws, settings, registry, state, approved_queue):
+def test_rollback_route_and_its_conflict(http, aws, settings, registry, state_store, approved_queue):
     headers = {"Content-Type": "application/json"}
     nothing = http.http.post(f"/models/{VIB}/rollback", body="{}", headers=headers)
     assert nothing.status_code == 409
-    v1, v2, _ = _fleet(registry, state, aws, settings.bucket)
+    v1, v2, _ = _fleet(registry, state_store, aws, settings.bucket)
     done = http.http.post(f"/models/{VIB}/rollback", body=json.dumps({"to": v1}),
                           headers=headers)
     assert done.status_code == 200
@@ -231,24 +215,28 @@ def test_rollback_route_and_its_conflict(http, aws, settings, registry, state, a
     assert http.http.post("/models/nope/rollback", body="{}", headers=headers).status_code == 404
 
 
-def test_training_route_starts_or_conflicts(http, monkeypatch):
+def test_training_route_starts_or_conflicts(http, aws, settings, state_store):
     headers = {"Content-Type": "application/json"}
-    _fake_trigger(monkeypatch)
+    _seed_raw_data(aws, settings.bucket, state_store)
     ok = http.http.post(f"/models/{VIB}/trainings", body=json.dumps({"reason": "new sensor"}),
                         headers=headers)
     assert ok.status_code == 200
-    assert ok.json_body == {"model": VIB, "version": 9, "job_name": f"mledge-{VIB}-v9-x"}
-    _fake_trigger(monkeypatch, refuse=True)
+    assert (ok.json_body["version"], ok.json_body["reason"]) == (1, "new sensor")
     busy = http.http.post(f"/models/{VIB}/trainings", body="{}", headers=headers)
     assert busy.status_code == 409
-    assert "already training" in busy.json_body["Message"]
+    assert busy.json_body["Message"].startswith(f"{VIB}: v1 (mledge-{VIB}-v1-")
+    no_data = http.http.post("/models/digits/trainings", body="{}", headers=headers)
+    assert no_data.status_code == 409
+    assert "no new records" in no_data.json_body["Message"]
+    assert http.http.post("/models/nope/trainings", body="{}", headers=headers).status_code \
+        == 404
 
 
 # ---------------------------------------------------------------- the CLI
 
 
-def test_cli_models_and_versions_tables(runtime, aws, settings, registry, state, capsys):
-    v1, v2, v3 = _fleet(registry, state, aws, settings.bucket)
+def test_cli_models_and_versions_tables(app_runtime, aws, settings, registry, state_store, capsys):
+    v1, v2, v3 = _fleet(registry, state_store, aws, settings.bucket)
     assert main(["models"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["MODEL", "FAMILY", "METRIC", "THRESHOLD", "RELEASED", "SCORE",
@@ -266,9 +254,9 @@ def test_cli_models_and_versions_tables(runtime, aws, settings, registry, state,
     assert [d["status"] for d in data] == ["SUPERSEDED", "RELEASED", "REJECTED"]
 
 
-def test_cli_show_prints_lineage_gate_reasons_and_history(runtime, aws, settings, registry,
-                                                          state, capsys):
-    version, _ = _rejected(registry, state, aws, settings.bucket)
+def test_cli_show_prints_lineage_gate_reasons_and_history(app_runtime, aws, settings, registry,
+                                                          state_store, capsys):
+    version, _ = _rejected(registry, state_store, aws, settings.bucket)
     assert main(["show", VIB, str(version)]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{VIB} v{version}: REJECTED\n")
@@ -277,7 +265,7 @@ def test_cli_show_prints_lineage_gate_reasons_and_history(runtime, aws, settings
     assert "TRAINING -> REJECTED  gate" in out
 
 
-def test_cli_errors_are_one_line_and_non_zero(runtime, capsys):
+def test_cli_errors_are_one_line_and_non_zero(app_runtime, capsys):
     assert main(["versions", "nope"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mledge versions: error: unknown model 'nope'")
@@ -288,9 +276,9 @@ def test_cli_errors_are_one_line_and_non_zero(runtime, capsys):
     assert "has no release to roll back from" in capsys.readouterr().err
 
 
-def test_cli_promote_and_rollback(runtime, aws, settings, registry, state, approved_queue,
+def test_cli_promote_and_rollback(app_runtime, aws, settings, registry, state_store, approved_queue,
                                   capsys):
-    v1, v2, v3 = _fleet(registry, state, aws, settings.bucket)
+    v1, v2, v3 = _fleet(registry, state_store, aws, settings.bucket)
     assert main(["promote", VIB, str(v3), "--reason", "known-good in the field"]) == 0
     assert capsys.readouterr().out.strip() == \
         f"{VIB} v{v3} is APPROVED (manual override); ModelApproved sent"
@@ -304,17 +292,19 @@ def test_cli_promote_and_rollback(runtime, aws, settings, registry, state, appro
                                                                           (v1, True)]
 
 
-def test_cli_train(runtime, monkeypatch, capsys):
-    _fake_trigger(monkeypatch)
+def test_cli_train(app_runtime, aws, settings, state_store, capsys):
+    _seed_raw_data(aws, settings.bucket, state_store)
     assert main(["train", VIB, "--reason", "new site"]) == 0
-    assert capsys.readouterr().out.strip() == \
-        f"started training of {VIB} v9: job mledge-{VIB}-v9-x"
-    _fake_trigger(monkeypatch, refuse=True)
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"started training of {VIB} v1: sagemaker job mledge-{VIB}-v1-")
+    assert out.endswith("on 1200 records (1 objects)")
     assert main(["train", VIB]) == 1
-    assert "already training" in capsys.readouterr().err
+    assert "is still in progress" in capsys.readouterr().err
+    assert main(["train", "digits", "--json"]) == 1
+    assert "no new records since the last training" in capsys.readouterr().err
 
 
-def test_cli_promote_requires_a_reason(runtime):
+def test_cli_promote_requires_a_reason(app_runtime):
     with pytest.raises(SystemExit) as exit_info:
         main(["promote", VIB, "3"])
     assert exit_info.value.code == 2

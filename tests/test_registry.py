@@ -14,7 +14,6 @@ from chalicelib.registry import (
     UnknownVersionError,
     VersionExistsError,
 )
-from tests.registry_support import config, registry, state  # noqa: F401  (fixtures)
 
 MODEL = "vibration-anomaly"
 
