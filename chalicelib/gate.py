@@ -26,6 +26,10 @@ from typing import Any
 
 from chalicelib.config import ModelConfig
 
+# Scores are floats: 0.95 + 0.005 is 0.9550000000000001, and a challenger scoring
+# 0.955 must not fail "0.9550 < 0.9550". Comparisons allow this much rounding.
+_ROUNDING = 1e-9
+
 
 @dataclass(frozen=True)
 class GateCheck:
@@ -115,7 +119,7 @@ def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
 
     # 2. threshold
     if challenger is not None:
-        ok = challenger >= threshold
+        ok = challenger >= threshold - _ROUNDING
         sign = "≥" if ok else "<"
         checks.append(GateCheck("threshold", ok, f"{metric} {_num(challenger)} {sign} threshold "
                                                  f"{_num(threshold)}: {_verdict(ok)}"))
@@ -140,7 +144,7 @@ def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
                                 f"metrics.json: FAIL"))
     elif challenger is not None:
         needed = champion + min_improvement
-        ok = challenger >= needed
+        ok = challenger >= needed - _ROUNDING
         sign = "≥" if ok else "<"
         checks.append(GateCheck(
             "improvement", ok,

@@ -9,10 +9,10 @@ one-line message; callers only format.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from chalicelib import trigger
 from chalicelib.aws import AwsClients
 from chalicelib.config import PipelineConfig
 from chalicelib.model_events import (
@@ -33,14 +33,11 @@ from chalicelib.registry import (
 )
 from chalicelib.settings import Settings
 from chalicelib.state import StateStore
+from chalicelib.trigger import TrainingStart
 
 
 class NothingToRollBackError(ConflictError):
     """No older released version to roll back to."""
-
-
-class TrainingUnavailableError(RuntimeError):
-    """The training starter (chalicelib.trigger) is not part of this build."""
 
 
 @dataclass(frozen=True)
@@ -126,18 +123,15 @@ class Operator:
 
     # -- acting
 
-    def train(self, model: str, *, reason: str) -> Any:
-        """Start a training now (the trigger's start_training: lock, snapshot, job)."""
+    def train(self, model: str, *, reason: str, force: bool = False) -> TrainingStart:
+        """Start a training now (the trigger's start_training: lock, snapshot, job).
+
+        Raises the trigger's TrainingInProgressError / NoDataError (conflicts) and
+        TrainingStartError (the job did not start; recorded FAILED).
+        """
         self.config.model(model)
-        try:
-            trigger = importlib.import_module("chalicelib.trigger")
-        except ModuleNotFoundError as exc:
-            if exc.name != "chalicelib.trigger":
-                raise
-            raise TrainingUnavailableError(
-                "starting a training needs chalicelib.trigger, which this build lacks") from None
         return trigger.start_training(model, clients=self.clients, settings=self.settings,
-                                      config=self.config, reason=reason)
+                                      config=self.config, reason=reason, force=force)
 
     def promote(self, model: str, version: int, *, reason: str, actor: str) -> PromoteResult:
         """REJECTED -> APPROVED as a recorded manual override, then announce ModelApproved.

@@ -7,7 +7,6 @@ nothing to roll back) -> 409, a bad body or path -> 400.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
@@ -15,9 +14,10 @@ from typing import Any, ParamSpec, TypeVar
 from chalice import BadRequestError, ChaliceViewError, ConflictError, NotFoundError
 
 from chalicelib.config import UnknownModelError
-from chalicelib.operator import Operator, TrainingUnavailableError
+from chalicelib.operator import Operator
 from chalicelib.registry import ConflictError as RegistryConflictError
 from chalicelib.registry import UnknownVersionError
+from chalicelib.trigger import NoDataError, TrainingInProgressError, TrainingStartError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -32,16 +32,12 @@ def http_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise NotFoundError(str(exc)) from None
         except RegistryConflictError as exc:
             raise ConflictError(str(exc)) from None
-        except TrainingUnavailableError as exc:
+        except (TrainingInProgressError, NoDataError) as exc:
+            raise ConflictError(str(exc)) from None
+        except TrainingStartError as exc:
             raise ChaliceViewError(str(exc)) from None
         except ValueError as exc:
             raise BadRequestError(str(exc)) from None
-        except Exception as exc:
-            # The trigger's refusals (a training already in flight, no data) are conflicts.
-            name = type(exc).__name__
-            if type(exc).__module__.startswith("chalicelib.") and name.endswith("Error"):
-                raise ConflictError(str(exc)) from None
-            raise
     return wrapper
 
 
@@ -88,9 +84,10 @@ def show_version(op: Operator, model: str, version: str) -> dict[str, Any]:
 def start_training(op: Operator, model: str, json_body: Any) -> dict[str, Any]:
     body = _body(json_body)
     reason = str(body.get("reason") or "operator request (HTTP)")
-    started = op.train(model, reason=reason)
-    return dataclasses.asdict(started) if dataclasses.is_dataclass(started) else \
-        {"result": str(started)}
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise BadRequestError(f"\"force\" must be true or false, got {force!r}")
+    return op.train(model, reason=reason, force=force).to_dict()
 
 
 @http_errors

@@ -1,1 +1,1 @@
-"""Operator tools: the `mledge` command line."""
+"""MLEdgeDeploy operator tooling: the `mledge` command (one module per command group)."""

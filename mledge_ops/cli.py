@@ -1,35 +1,46 @@
-"""`mledge`: the operator's command line. A thin dispatcher: each command group
-module adds its subcommands with `register(subparsers)`; every subcommand sets
-`handler(args) -> int` (the exit status)."""
+"""The `mledge` command: a thin dispatcher over one module per command group.
+
+To add a command group, write a module with
+`register(subparsers: argparse._SubParsersAction) -> None` that adds its
+subcommands and sets `func(args) -> int` on each, then list it in
+`COMMAND_MODULES`. Errors meant for the operator are `OpsError`s: printed
+without a traceback, exit status 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
-from mledge_ops import models_commands
+from mledge_ops.common import OpsError
 
-COMMAND_GROUPS = [models_commands.register]
+COMMAND_MODULES: tuple[str, ...] = (
+    "mledge_ops.stack_config",
+    "mledge_ops.provision",
+    "mledge_ops.models_commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mledge",
-        description="Operate MLEdgeDeploy: read the fleet's models and versions, start "
-                    "trainings, promote and roll back. The stage comes from the environment "
-                    "(MLEDGE_BUCKET, MLEDGE_REGISTRY_TABLE, MLEDGE_STATE_TABLE, AWS_*).",
+        prog="mledge", description="MLEdgeDeploy operator commands (docs/deploy.md)."
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in COMMAND_GROUPS:
-        register(sub)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.handler(args))
+    try:
+        return int(args.func(args))
+    except OpsError as exc:
+        print(f"mledge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

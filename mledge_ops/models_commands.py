@@ -8,7 +8,6 @@ stderr and exit 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import getpass
 import json
 import sys
@@ -16,10 +15,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from chalicelib.config import ConfigError, UnknownModelError
-from chalicelib.operator import Operator, TrainingUnavailableError
+from chalicelib.operator import Operator
 from chalicelib.registry import RegistryError, VersionRecord
 from chalicelib.runtime import get_runtime
 from chalicelib.settings import SettingsError
+from chalicelib.trigger import TriggerError
 
 EXIT_ERROR = 1
 
@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
             -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text, description=help_text)
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        parser.set_defaults(handler=_guarded(handler))
+        parser.set_defaults(func=_guarded(handler))
         return parser
 
     add("models", "list the models with their current release and latest version", cmd_models)
@@ -55,6 +55,8 @@ def register(sub: Any) -> None:
     p = add("train", "start a training of a model now", cmd_train)
     p.add_argument("model")
     p.add_argument("--reason", default="operator request", help="recorded with the training")
+    p.add_argument("--force", action="store_true",
+                   help="train even without new records since the last training")
     p = add("promote", "approve a REJECTED version (recorded as a manual override)", cmd_promote)
     p.add_argument("model")
     p.add_argument("version", type=int)
@@ -70,17 +72,10 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except (UnknownModelError, RegistryError, TrainingUnavailableError, ConfigError,
-                SettingsError, ValueError) as exc:
+        except (UnknownModelError, RegistryError, TriggerError, ConfigError, SettingsError,
+                ValueError) as exc:
             print(f"mledge {args.command}: error: {exc}", file=sys.stderr)
             return EXIT_ERROR
-        except Exception as exc:
-            # The trigger's own errors (lock held, no data) are named ...Error.
-            if type(exc).__name__.endswith("Error") and type(exc).__module__.startswith(
-                    "chalicelib."):
-                print(f"mledge {args.command}: error: {exc}", file=sys.stderr)
-                return EXIT_ERROR
-            raise
     return run
 
 
@@ -202,18 +197,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    started = _operator().train(args.model, reason=args.reason)
-    data = dataclasses.asdict(started) if dataclasses.is_dataclass(started) else started
+    started = _operator().train(args.model, reason=args.reason, force=args.force)
     if args.json:
-        _print_json(data)
+        _print_json(started.to_dict())
         return 0
-    if isinstance(data, dict):
-        version = data.get("version")
-        job = data.get("job_name")
-        print(f"started training of {args.model}" + (f" v{version}" if version else "")
-              + (f": job {job}" if job else ""))
-    else:
-        print(f"started training of {args.model}: {data}")
+    print(f"started training of {started.model} v{started.version}: {started.backend} job "
+          f"{started.job_name} on {started.records} records ({started.objects} objects)")
     return 0
 
 
