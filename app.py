@@ -2,6 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 from chalice import Chalice
+from chalice.app import SQSEvent
+
+from chalicelib import ingest
+from chalicelib.runtime import get_runtime
 
 app = Chalice(app_name="mledgedeploy")
+
+# Read at import time: the decorator needs the queue name when chalice packages the app
+# (tests/conftest.py sets it before importing app; .chalice/config.json per stage).
+TELEMETRY_QUEUE = os.environ.get("MLEDGE_TELEMETRY_QUEUE", "mledge-dev-telemetry")
+
+
+@app.on_sqs_message(queue=TELEMETRY_QUEUE, batch_size=ingest.INGEST_BATCH_SIZE,
+                    maximum_batching_window_in_seconds=ingest.INGEST_BATCHING_WINDOW_SECONDS)
+def ingest_telemetry(event: SQSEvent) -> None:
+    rt = get_runtime()
+    ingest.ingest_sqs_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
+                            config=rt.config)
