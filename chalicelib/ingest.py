@@ -115,7 +115,8 @@ class EmfIngestMetrics:
         counts: dict[str, dict[str, int]] = {}
         for stored in result.objects:
             if stored.written:
-                per_kind = counts.setdefault(stored.model, dict.fromkeys(_METRIC_FOR_KIND.values(), 0))
+                per_kind = counts.setdefault(stored.model,
+                                             dict.fromkeys(_METRIC_FOR_KIND.values(), 0))
                 per_kind[_METRIC_FOR_KIND[stored.kind]] += stored.record_count
         for model, per_kind in sorted(counts.items()):
             metrics = EphemeralMetrics()
@@ -145,11 +146,19 @@ def messages_from_event(event: Mapping[str, Any]) -> list[SqsMessage]:
 
 def batch_id_for(messages: Iterable[SqsMessage]) -> str:
     """A stable id for a set of messages, independent of their order in the event."""
+    return _batch_id(sorted(messages, key=_message_order))
+
+
+def _message_order(message: SqsMessage) -> tuple[str, str]:
+    return message.message_id, _text(message.body)
+
+
+def _batch_id(ordered: Sequence[SqsMessage]) -> str:
     digest = hashlib.sha256()
-    for message_id, body in sorted((m.message_id, _text(m.body)) for m in messages):
-        digest.update(message_id.encode("utf-8", "surrogatepass"))
+    for message in ordered:
+        digest.update(message.message_id.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
-        digest.update(body.encode("utf-8", "surrogatepass"))
+        digest.update(_text(message.body).encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()[:32]
 
@@ -167,8 +176,8 @@ def ingest_messages(messages: Sequence[SqsMessage], *, s3: Any, bucket: str,
                     now_ms: int | None = None) -> IngestResult:
     """Classify and store a batch; raises IngestError if S3 refuses a write."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    ordered = sorted(messages, key=lambda m: (m.message_id, _text(m.body)))
-    result = IngestResult(batch_id=batch_id_for(ordered), received=len(ordered))
+    ordered = sorted(messages, key=_message_order)
+    result = IngestResult(batch_id=_batch_id(ordered), received=len(ordered))
     # (kind, model) -> lines in message order, and the earliest arrival (the partition)
     groups: dict[tuple[str, str], list[str]] = {}
     first_arrival: dict[tuple[str, str], int] = {}

@@ -193,8 +193,8 @@ def _features(raw: Any, schema: FeatureSchema) -> list[float]:
         values = list(map(float, raw))
     except OverflowError:
         i = next(i for i, v in enumerate(raw) if abs(v) > 1.7976931348623157e308)
-        raise RecordError(f"features[{i}] ({schema.features[i]}): {raw[i]} does not fit "
-                          "a float") from None
+        raise RecordError(f"features[{i}] ({schema.features[i]}): {_show(raw[i])} does not "
+                          "fit a float") from None
     if not math.isfinite(sum(values)):
         for i, v in enumerate(values):
             if not math.isfinite(v):

@@ -72,9 +72,13 @@ def _json_bytes(value: Any, *, indent: int | None = 2) -> bytes:
             + "\n").encode()
 
 
-def train(paths: TrainingPaths) -> dict[str, Any]:
-    """One training run; returns the metrics it wrote. Raises TrainingError subclasses."""
-    started = time.perf_counter()
+def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """One training run; returns the metrics it wrote. Raises TrainingError subclasses.
+
+    `timings`, when given, receives seconds per phase (load, split, fit, export,
+    evaluate, write): bench/train.py reads them; metrics.json keeps to the contract.
+    """
+    phase = _Phases(timings)
     hp = Hyperparameters.load(paths.hyperparameters_file)
     family = get_family(hp.string("family"))
     common = CommonParams.parse(hp, family.name, family.metrics)
@@ -83,33 +87,34 @@ def train(paths: TrainingPaths) -> dict[str, Any]:
     log(f"model {common.model_name} v{common.model_version}, family {family.name}, "
         f"{len(common.features)} features, params {params}")
 
-    t0 = time.perf_counter()
+    phase.start()
     data = load_dataset(paths.train_channel, len(common.features),
                         with_labels=family.needs_labels)
     log(f"loaded {len(data)} usable records from {data.files} files in "
-        f"{time.perf_counter() - t0:.2f}s; skipped {data.skipped} "
+        f"{phase.end('load'):.2f}s; skipped {data.skipped} "
         f"({describe_skipped(data.skipped_reasons)})")
     if len(data) < MIN_USABLE_RECORDS:
         raise DataError(
             f"too little data: {len(data)} usable records (need at least {MIN_USABLE_RECORDS}); "
             f"skipped {data.skipped}: {describe_skipped(data.skipped_reasons)}")
     train_split, holdout = split_dataset(data, common.holdout_percent)
+    phase.end("split")
     family.check_data(params, train_split, holdout)
 
-    t0 = time.perf_counter()
     fitted = family.fit(params, common, train_split)
-    log(f"fitted on {len(train_split)} records in {time.perf_counter() - t0:.2f}s: "
-        f"{fitted.details}")
+    log(f"fitted on {len(train_split)} records in {phase.end('fit'):.2f}s: {fitted.details}")
 
     model_bytes = onnx_export.finalize(
         family.to_onnx(fitted, common, onnx_export.TARGET_OPSET), common, fitted.metadata)
     sess = onnx_export.session(model_bytes)
     onnx_export.check_conventions(sess, len(common.features), what="challenger")
+    phase.end("export")
     exported = onnx_export.run(sess, holdout.features)
     parity = onnx_export.parity(family.library_outputs(fitted, holdout.features), exported)
     challenger = family.evaluate(fitted, params, common, holdout, *exported)
     champion = score_champion(paths.champion_model, family, fitted, params, common, holdout)
-    log(f"challenger {challenger}, champion {champion}, parity {parity}")
+    log(f"challenger {challenger}, champion {champion}, parity {parity} "
+        f"(evaluated in {phase.end('evaluate'):.2f}s)")
 
     metrics: dict[str, Any] = {
         "family": family.name,
@@ -132,9 +137,29 @@ def train(paths: TrainingPaths) -> dict[str, Any]:
     _write_atomically(paths.model_file, model_bytes)
     _write_atomically(paths.golden_file, _json_bytes(golden, indent=None))
     _write_atomically(paths.metrics_file, _json_bytes(_plain(metrics)))
-    log(f"wrote {paths.model_dir} ({len(model_bytes)} bytes of ONNX) in "
-        f"{time.perf_counter() - started:.2f}s total")
+    phase.end("write")
+    log(f"wrote {paths.model_dir} ({len(model_bytes)} bytes of ONNX); {phase.total():.2f}s total")
     return metrics
+
+
+class _Phases:
+    """Seconds per phase, each measured from the end of the previous one."""
+
+    def __init__(self, sink: dict[str, float] | None) -> None:
+        self.sink = sink if sink is not None else {}
+        self.started = self.mark = time.perf_counter()
+
+    def start(self) -> None:
+        self.mark = time.perf_counter()
+
+    def end(self, name: str) -> float:
+        now = time.perf_counter()
+        self.sink[name] = now - self.mark
+        self.mark = now
+        return self.sink[name]
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _plain(value: Any) -> Any:

@@ -17,6 +17,17 @@ import numpy as np
 VIBRATION_FEATURES = ("rms", "peak", "crest_factor", "kurtosis", "band_low", "band_mid",
                       "band_high", "temperature")
 DIGIT_FEATURES = tuple(f"px{i}" for i in range(64))
+# Per-feature spread and centre of the synthetic vibration readings; an outlier sits
+# OUTLIER_SIGMAS spreads away from the centre in every feature.
+VIBRATION_SCALE = (1.0, 3.0, 0.5, 1.0, 0.2, 0.2, 0.2, 10.0)
+VIBRATION_OFFSET = (0.0, 0.0, 3.0, 3.0, 0.0, 0.0, 0.0, 40.0)
+OUTLIER_SIGMAS = 30.0
+
+
+def vibration_outlier(rng: np.random.Generator) -> list[float]:
+    scale, offset = np.array(VIBRATION_SCALE), np.array(VIBRATION_OFFSET)
+    signs = rng.choice([-1.0, 1.0], len(scale))
+    return [float(v) for v in offset + signs * scale * OUTLIER_SIGMAS]
 
 
 def vibration_records(n: int, *, seed: int = 0, centers: int = 4, outlier_fraction: float = 0.0,
@@ -25,15 +36,14 @@ def vibration_records(n: int, *, seed: int = 0, centers: int = 4, outlier_fracti
     """Readings from `centers` operating modes (Gaussian blobs) plus far-off outliers."""
     rng = np.random.default_rng(seed)
     n_features = len(VIBRATION_FEATURES)
-    scale = np.array([1.0, 3.0, 0.5, 1.0, 0.2, 0.2, 0.2, 10.0])
-    offset = np.array([0, 0, 3, 3, 0, 0, 0, 40.0])
+    scale, offset = np.array(VIBRATION_SCALE), np.array(VIBRATION_OFFSET)
     modes = rng.normal(0.0, 4.0, size=(centers, n_features)) * scale + offset
     for i in range(start, start + n):
         if outlier_fraction and rng.random() < outlier_fraction:
-            row = offset + rng.choice([-1.0, 1.0], n_features) * scale * 30.0
+            yield record(i, vibration_outlier(rng), model=model)
         else:
             row = modes[rng.integers(centers)] + rng.normal(0.0, 0.5, n_features) * scale
-        yield record(i, [float(v) for v in row], model=model)
+            yield record(i, [float(v) for v in row], model=model)
 
 
 def digits_records(n: int, *, seed: int = 0, start: int = 0, model: str = "digits"

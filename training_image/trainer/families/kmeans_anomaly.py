@@ -10,6 +10,9 @@
   `k_tolerance` of the best (fewer clusters for a negligible loss: a smaller,
   steadier model). The final model is fitted on all training rows, started from
   the chosen sample fit's centroids.
+- Before choosing k, the rows farther from a rough k_max-means fit than the
+  `anomaly_quantile` quantile are set aside (and again before the final fit), so
+  the anomalies in the data do not get clusters of their own.
 - The anomaly threshold is the `anomaly_quantile` quantile of each training
   row's distance to its nearest centroid. It is stored in the ONNX metadata
   (`mledge.anomaly_threshold`): a device flags a reading whose smallest `scores`
@@ -69,6 +72,12 @@ def safe_silhouette(points: np.ndarray, labels: np.ndarray, rows: int, seed: int
     return float(silhouette_score(points, labels))
 
 
+def _within_quantile(distances: np.ndarray, quantile: float) -> np.ndarray:
+    """Rows whose nearest-centroid distance is at most the `quantile` quantile."""
+    nearest = distances.min(axis=1)
+    return nearest <= np.quantile(nearest, quantile)
+
+
 class KMeansAnomalyFamily(ModelFamily):
     name: ClassVar[str] = "kmeans_anomaly"
     metrics: ClassVar[tuple[str, ...]] = ("silhouette",)
@@ -113,15 +122,19 @@ class KMeansAnomalyFamily(ModelFamily):
         with warnings.catch_warnings():
             # Duplicate points can leave fewer distinct clusters than k; silhouette then judges it.
             warnings.simplefilter("ignore", ConvergenceWarning)
-            for k in range(params.k_min, min(params.k_max, len(sample) - 1) + 1):
+            # Trim first: the anomalies in the data would otherwise claim clusters of their own
+            # (and a later anomaly near one of those would pass as normal).
+            rough = KMeans(n_clusters=min(params.k_max, len(sample) - 1), n_init=1,
+                           max_iter=params.max_iter, random_state=common.seed).fit(sample)
+            trimmed = sample[_within_quantile(rough.transform(sample), params.anomaly_quantile)]
+            for k in range(params.k_min, min(params.k_max, len(trimmed) - 1) + 1):
                 candidate = KMeans(n_clusters=k, n_init=params.n_init, max_iter=params.max_iter,
-                                   random_state=common.seed).fit(sample)
-                score = safe_silhouette(sample, candidate.labels_, params.silhouette_rows,
-                                        common.seed)
-                k_scores[str(k)] = score
+                                   random_state=common.seed).fit(trimmed)
+                k_scores[str(k)] = safe_silhouette(trimmed, candidate.labels_,
+                                                   params.silhouette_rows, common.seed)
                 fits[k] = candidate
             if not fits:
-                raise DataError(f"too little data: {len(sample)} training records for k >= "
+                raise DataError(f"too little data: {len(trimmed)} training records for k >= "
                                 f"{params.k_min}")
             best_score = max(k_scores.values())
             k = min(k for k in fits if k_scores[str(k)] >= best_score - params.k_tolerance)
@@ -129,8 +142,10 @@ class KMeansAnomalyFamily(ModelFamily):
             if sample is points:
                 final = chosen
             else:
+                keep = _within_quantile(chosen.transform(points), params.anomaly_quantile)
                 final = KMeans(n_clusters=k, init=chosen.cluster_centers_, n_init=1,
-                               max_iter=params.max_iter, random_state=common.seed).fit(points)
+                               max_iter=params.max_iter, random_state=common.seed
+                               ).fit(points[keep])
         nearest = final.transform(points).min(axis=1)
         threshold = float(np.quantile(nearest, params.anomaly_quantile))
         pipeline = Pipeline([("scale", scaler), ("kmeans", final)])
@@ -141,6 +156,7 @@ class KMeansAnomalyFamily(ModelFamily):
             "anomaly_quantile": params.anomaly_quantile,
             "train_anomaly_rate": float(np.mean(nearest > threshold)),
             "selection_rows": len(sample),
+            "trimmed_rows": len(sample) - len(trimmed),
             "inertia": float(final.inertia_),
             "iterations": int(final.n_iter_),
         }
