@@ -137,4 +137,4 @@ def test_roles_device_policy_repository_and_batch_exist(deployed) -> None:
     # moto keeps the Number parameter as an int; AWS returns strings
     requirements = {r["type"]: str(r["value"]) for r in container["resourceRequirements"]}
     assert requirements == {"GPU": "1", "VCPU": "4", "MEMORY": "14336"}
-    assert container["command"][:3] == ["python", "-m", "trainer.entrypoint"]
+    assert container["command"][:3] == ["python", "-m", "trainer_batch.launcher"]
