@@ -12,7 +12,7 @@ $(STAMP): requirements.txt requirements-dev.txt training_image/requirements.txt 
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e . -e update_format -e edge -e training_image
+	$(PY) -m pip install -q --no-deps -e . -e update_format -e edge -e training_image -e devstack
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -31,6 +31,11 @@ demo: env system-deps
 
 bench: env
 	$(PY) bench/ingest.py
+	$(PY) bench/delta.py
 
 clean:
 	rm -rf $(VENV) demo-output .devstack .pytest_cache .ruff_cache
+
+.PHONY: stack
+stack: env system-deps  # the local stack in the foreground (Ctrl-C stops it); see docs/local-stack.md
+	$(PY) -m mledge_devstack up

@@ -38,6 +38,7 @@ _NUMBER_TYPES = frozenset((int, float))
 _REPLACEMENT_CHAR = "\ufffd"
 # One reusable encoder: strict JSON (no NaN) and compact lines.
 _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+_DECODE = json.JSONDecoder().decode
 
 
 class RecordError(ValueError):
@@ -86,32 +87,36 @@ def classify_message(body: Any, message_id: str, fallback_arrival_ms: int,
     if not isinstance(body, str):
         return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, repr(body).encode(),
                        f"body: must be a string, got {type(body).__name__}")
-    try:
-        data = body.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        # A Lambda event is JSON; a body whose bytes were not UTF-8 reaches Python as a str
-        # with lone surrogates (a `\udcXX` escape in the event), which cannot be encoded.
-        original = body.encode("utf-8", "surrogateescape" if _escapable(body) else "surrogatepass")
-        return _reject(_claimed_model(body, config), fallback_arrival_ms, message_id, original,
-                       f"body: not valid UTF-8 (lone surrogate U+{ord(body[exc.start]):04X} at "
-                       f"character {exc.start}); original bytes kept base64-encoded",
-                       binary=True)
-    if len(data) > MAX_PAYLOAD_BYTES:
-        return _reject(_claimed_model(body, config), fallback_arrival_ms, message_id, data,
-                       f"payload: {len(data):,} bytes is over the {MAX_PAYLOAD_BYTES:,}-byte "
+    if body.isascii():  # O(1) in CPython: the common case needs no encoding or scan
+        size = len(body)
+    else:
+        try:
+            size = len(body.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            # A Lambda event is JSON; a body whose bytes were not UTF-8 reaches Python as a
+            # str with lone surrogates (a `\udcXX` escape in the event): not encodable.
+            errors = "surrogateescape" if _escapable(body) else "surrogatepass"
+            return _reject(_claimed_model(body, config), fallback_arrival_ms, message_id,
+                           body.encode("utf-8", errors),
+                           f"body: not valid UTF-8 (lone surrogate U+{ord(body[exc.start]):04X} "
+                           f"at character {exc.start}); original bytes kept base64-encoded",
+                           binary=True)
+        if _REPLACEMENT_CHAR in body:
+            return _reject(_claimed_model(body, config), fallback_arrival_ms, message_id, body,
+                           "body: contains U+FFFD replacement characters (bytes that were not "
+                           "UTF-8 were replaced before SQS); the record cannot be trusted")
+    if size > MAX_PAYLOAD_BYTES:
+        return _reject(_claimed_model(body, config), fallback_arrival_ms, message_id, body,
+                       f"payload: {size:,} bytes is over the {MAX_PAYLOAD_BYTES:,}-byte "
                        f"limit (IoT Core's maximum); body truncated to its first "
                        f"{QUARANTINE_BODY_CHARS:,} characters, body_sha256 covers all of it")
-    if _REPLACEMENT_CHAR in body:
-        return _reject(_claimed_model(body, config), fallback_arrival_ms, message_id, data,
-                       "body: contains U+FFFD replacement characters (bytes that were not "
-                       "UTF-8 were replaced before SQS); the record cannot be trusted")
     try:
-        obj = json.loads(body)
+        obj = _DECODE(body)
     except ValueError as exc:
-        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, data,
+        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, body,
                        f"body: not JSON ({exc})")
     if not isinstance(obj, dict):
-        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, data,
+        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, body,
                        f"body: must be a JSON object, got {_json_type(obj)}")
     model_name = obj.get("model")
     model = config.models.get(model_name) if isinstance(model_name, str) else None
@@ -138,9 +143,9 @@ def classify_message(body: Any, message_id: str, fallback_arrival_ms: int,
                               f"'{TELEMETRY}' or '{SUMMARY}')")
         line = normalise_reading(obj, model.name, model.schema, thing, arrival_ms)
     except RecordError as exc:
-        return _reject(folder, arrival_ms, message_id, data, str(exc))
+        return _reject(folder, arrival_ms, message_id, body, str(exc))
     except ValueError as exc:  # allow_nan=False on a summary holding NaN/Infinity
-        return _reject(folder, arrival_ms, message_id, data, f"body: {exc}")
+        return _reject(folder, arrival_ms, message_id, body, f"body: {exc}")
     return Reading(folder, arrival_ms, line)
 
 
@@ -262,9 +267,10 @@ def _escapable(body: str) -> bool:
     return all(0xDC80 <= ord(c) <= 0xDCFF for c in body if 0xD800 <= ord(c) <= 0xDFFF)
 
 
-def _reject(model: str, arrival_ms: int, message_id: str, original: bytes, reason: str,
+def _reject(model: str, arrival_ms: int, message_id: str, body: str | bytes, reason: str,
             *, binary: bool = False) -> Rejection:
     """The quarantine line: reason, message id and the original body (or enough to find it)."""
+    original = body.encode("utf-8") if isinstance(body, str) else body
     truncated = len(original) > MAX_PAYLOAD_BYTES
     if binary:
         body, encoding = base64.b64encode(original[:MAX_PAYLOAD_BYTES]).decode("ascii"), "base64"
