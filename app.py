@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 from chalice import Chalice
-from chalice.app import SQSEvent
+from chalice.app import CloudWatchEvent, SQSEvent
 
-from chalicelib import ingest
+from chalicelib import ingest, packaging
 from chalicelib.runtime import get_runtime
 
 app = Chalice(app_name="mledgedeploy")
@@ -23,3 +23,13 @@ def ingest_telemetry(event: SQSEvent) -> None:
     rt = get_runtime()
     ingest.ingest_sqs_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
                             config=rt.config)
+
+
+EVENT_SOURCE = os.environ.get("MLEDGE_EVENT_SOURCE", "mledge.pipeline")
+
+
+@app.on_cw_event({"source": [EVENT_SOURCE], "detail-type": ["ModelApproved"]})
+def release_approved_model(event: CloudWatchEvent) -> dict:
+    rt = get_runtime()
+    return packaging.handle_model_approved(event.detail, clients=rt.clients,
+                                           settings=rt.settings, config=rt.config).to_dict()
