@@ -159,24 +159,32 @@ class StateStore:
         item = self._get(counter_key(model))
         return int(item["new_records"]["N"]) if item and "new_records" in item else 0
 
-    def consume_new_records(self, model: str, count: int) -> int:
+    def consume_new_records(self, model: str, count: int, *, version: int | None = None) -> int:
         """Subtract the `count` records a training started with; returns what remains.
 
         Records counted after the training read its count stay for the next
-        training. Never goes below zero.
+        training. Never goes below zero. Also notes when (and for which
+        version) the model's last training started, which the schedule reads.
         """
+        now = int(self.clock())
+        sets = "last_started_at = :now" + (", last_version = :v" if version is not None else "")
+        values: dict[str, Any] = {":now": {"N": str(now)}}
+        if version is not None:
+            values[":v"] = {"N": str(version)}
+        key = {STATE_KEY: {"S": counter_key(model)}}
         if count <= 0:
+            self.dynamodb.update_item(TableName=self.table_name, Key=key,
+                                      UpdateExpression=f"SET {sets}",
+                                      ExpressionAttributeValues=values)
             return self.new_records(model)
         try:
             response = self.dynamodb.update_item(
                 TableName=self.table_name,
-                Key={STATE_KEY: {"S": counter_key(model)}},
-                UpdateExpression="ADD new_records :neg SET last_consumed_at = :now",
+                Key=key,
+                UpdateExpression=f"ADD new_records :neg SET {sets}",
                 ConditionExpression="new_records >= :n",
                 ExpressionAttributeValues={
-                    ":neg": {"N": str(-count)},
-                    ":n": {"N": str(count)},
-                    ":now": {"N": str(int(self.clock()))},
+                    **values, ":neg": {"N": str(-count)}, ":n": {"N": str(count)},
                 },
                 ReturnValues="UPDATED_NEW",
             )
@@ -185,15 +193,19 @@ class StateStore:
                 raise
             # Fewer than `count` left (only if someone reset the counter): clear it.
             self.dynamodb.update_item(
-                TableName=self.table_name,
-                Key={STATE_KEY: {"S": counter_key(model)}},
-                UpdateExpression="SET new_records = :zero, last_consumed_at = :now",
-                ExpressionAttributeValues={
-                    ":zero": {"N": "0"}, ":now": {"N": str(int(self.clock()))},
-                },
+                TableName=self.table_name, Key=key,
+                UpdateExpression=f"SET new_records = :zero, {sets}",
+                ExpressionAttributeValues={**values, ":zero": {"N": "0"}},
             )
             return 0
         return int(response["Attributes"]["new_records"]["N"])
+
+    def last_training_started_at(self, model: str) -> float | None:
+        """When the model's last training started (epoch seconds), None if never."""
+        item = self._get(counter_key(model))
+        if not item or "last_started_at" not in item:
+            return None
+        return float(item["last_started_at"]["N"])
 
     # -- training locks ----------------------------------------------------------
 

@@ -111,3 +111,14 @@ def test_set_lock_job_only_for_the_holder(state):
     assert state.set_lock_job("m", 5, "other") is False
     assert state.training_lock("m").job_name == "mledge-m-v4-abc"
     assert state.set_lock_job("absent", 1, "x") is False
+
+
+def test_consume_notes_the_training_start_for_the_schedule(state, clock):
+    assert state.last_training_started_at("m") is None
+    state.add_new_records("m", 4)
+    state.consume_new_records("m", 4, version=2)
+    assert state.last_training_started_at("m") == int(clock.now)
+    clock.now += 100
+    state.consume_new_records("m", 0, version=3)  # a forced training with no new data
+    assert state.last_training_started_at("m") == int(clock.now)
+    assert state.new_records("m") == 0
