@@ -135,3 +135,13 @@ def test_parity_rule():
     assert not parity((labels, scores), (labels, scores + 2e-3)).passed
     assert not parity((labels, scores), (np.array([0, 1, 0]), scores)).passed
     assert not parity((labels, scores), (labels, scores[:, :1])).passed
+
+
+def test_duplicate_record_ids_across_raw_objects_count_once(tmp_path: Path):
+    # An SQS redelivery inside another batch stores a record in two raw objects.
+    write_lines(tmp_path / "a.jsonl.gz", [rec(1, [1.0, 1.0]), rec(2, [2.0, 2.0])])
+    write_lines(tmp_path / "b.jsonl.gz", [rec(2, [9.0, 9.0]), rec(3, [3.0, 3.0])])
+    data = load_dataset(tmp_path, 2, with_labels=False)
+    assert data.ids == ["t-1", "t-2", "t-3"]
+    assert data.features[1].tolist() == [2.0, 2.0]  # the first copy wins
+    assert data.skipped_reasons == {"duplicate id": 1}

@@ -104,10 +104,15 @@ class _Accumulator:
         self._ids: list[str] = []
         self._rows: list[list[Any]] = []
         self._labels: list[int] = []
+        # Ingest is replay-safe per batch, but SQS may redeliver a message inside another
+        # batch (docs/ingestion.md): the same record id can then sit in two raw objects.
+        # The first copy (files in path order) is kept.
+        self._seen: set[str] = set()
 
     def add(self, records: Iterable[Any]) -> None:
         n, with_labels = self.n_features, self.with_labels
         ids, rows, labels, skipped = self._ids, self._rows, self._labels, self.skipped
+        seen = self._seen
         for rec in records:
             if type(rec) is not dict:
                 skipped["not a JSON object"] += 1
@@ -115,6 +120,9 @@ class _Accumulator:
             rid = rec.get("id")
             if type(rid) is not str or not rid:
                 skipped["missing or non-string id"] += 1
+                continue
+            if rid in seen:
+                skipped["duplicate id"] += 1
                 continue
             feats = rec.get("features")
             if type(feats) is not list or len(feats) != n:
@@ -126,6 +134,7 @@ class _Accumulator:
                     skipped["missing or non-integer label"] += 1
                     continue
                 labels.append(label)
+            seen.add(rid)
             ids.append(rid)
             rows.append(feats)
         if len(rows) >= CHUNK_ROWS:
