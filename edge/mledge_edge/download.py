@@ -135,6 +135,14 @@ class Downloader:
                     continue
                 self.discard(sha256)
                 return data
+            except _SizeMismatch as exc:
+                integrity_failures += 1
+                self.discard(sha256)
+                last_error = str(exc)
+                if integrity_failures > 1:
+                    raise IntegrityError(last_error + " (twice)") from exc
+                log.warning("%s; downloading again", last_error)
+                continue
             except _UrlRefused as exc:
                 last_error = str(exc)
                 refresh = True
@@ -156,8 +164,11 @@ class Downloader:
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
-            if exc.code == 416 and offset >= size:
-                return  # already complete
+            if exc.code == 416:
+                if offset >= size:
+                    return  # already complete
+                self.discard(sha256)  # the object is shorter than our partial: start over
+                raise _ServerError(f"HTTP 416 at offset {offset}; restarting from 0") from exc
             if exc.code in (400, 401, 403):
                 raise _UrlRefused(f"HTTP {exc.code} from artifact URL (expired?)") from exc
             if exc.code == 404:
@@ -166,6 +177,9 @@ class Downloader:
         with response:
             if offset and response.status != 206:
                 offset = 0  # the server ignored the Range header: start over
+            total = _total_size(response, offset)
+            if total is not None and total != size:
+                raise _SizeMismatch(f"artifact is {total} bytes, the job document says {size}")
             with open(part, "r+b" if part.exists() else "wb") as fh:
                 fh.truncate(offset)
                 fh.seek(offset)
@@ -173,9 +187,10 @@ class Downloader:
                 while True:
                     try:
                         chunk = response.read(CHUNK)
-                    except TimeoutError as exc:
+                    except (TimeoutError, http.client.HTTPException, OSError) as exc:
+                        # Keep what arrived: the next attempt resumes from here.
                         self._persist(sha256, offset, fh)
-                        raise _ServerError(f"read timed out at {offset} bytes") from exc
+                        raise _ServerError(f"transfer broke at {offset} bytes: {exc!r}") from exc
                     if not chunk:
                         break
                     fh.write(chunk)
@@ -200,3 +215,19 @@ class _UrlRefused(Exception):
 
 class _ServerError(Exception):
     pass
+
+
+class _SizeMismatch(Exception):
+    pass
+
+
+def _total_size(response, offset: int) -> int | None:
+    """The whole object's size from Content-Range (206) or Content-Length (200)."""
+    content_range = response.headers.get("Content-Range", "")
+    if response.status == 206 and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit():
+        return int(length) + (offset if response.status == 206 else 0)
+    return None

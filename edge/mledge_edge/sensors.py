@@ -89,10 +89,11 @@ class VibrationSensor:
             hits = rng.choice(WINDOW, size=int(rng.integers(3, 8)), replace=False)
             signal[hits] += rng.choice([-1, 1], size=hits.size) * rng.uniform(3, 6, hits.size) * mode.load
         elif fault == "imbalance":
-            signal += rng.uniform(1.2, 2.0) * mode.load * np.sin(2 * np.pi * speed * t + phase[0])
+            signal += rng.uniform(2.5, 4.0) * mode.load * np.sin(2 * np.pi * speed * t + phase[0])
+            temperature += rng.uniform(3, 6)
         elif fault == "bearing_wear":
-            signal += rng.normal(0, rng.uniform(0.4, 0.7) * mode.load, WINDOW)
-            temperature += rng.uniform(8, 15)
+            signal += rng.normal(0, rng.uniform(0.6, 1.0) * mode.load, WINDOW)
+            temperature += rng.uniform(15, 25)
         return Reading(self._features(signal, temperature), fault=fault, mode=self._mode)
 
     def _features(self, signal: np.ndarray, temperature: float) -> list[float]:

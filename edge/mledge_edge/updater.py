@@ -293,7 +293,7 @@ class Updater:
         return url_for
 
     def _progress(self, report: Reporter, job: UpdateJob, name: str):
-        last = [0.0]
+        last = [time.monotonic()]
 
         def progress(done: int, total: int) -> None:
             now = time.monotonic()
