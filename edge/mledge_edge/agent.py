@@ -160,6 +160,7 @@ class Agent:
             self._policy = policy
             self._decider = UplinkDecider(policy, self.config.effective_seed + record.version)
             self._next_summary = time.monotonic() + policy.summary_interval_seconds
+            self._window = self._new_window()  # summaries describe one model's readings
 
     # -- jobs --------------------------------------------------------------------
     def _report_pending(self, jobs: JobsClient) -> None:
