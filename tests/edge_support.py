@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -48,15 +50,72 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 # ---------------------------------------------------------------------------- broker
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path  # device certificate, CN = dev-1
+    key: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_tls_files(folder: Path, thing: str = "dev-1") -> TlsFiles:
+    """A throwaway CA, a server certificate for localhost/127.0.0.1 and a device certificate."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=30)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=mledge-test-ca")
+    (folder / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, subject, ext in (("server", "/CN=localhost", ["-extfile", "san.ext"]),
+                               ("device", f"/CN={thing}", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", subject)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext)
+    return TlsFiles(folder / "ca.pem", folder / "device.pem", folder / "device.key",
+                    folder / "server.pem", folder / "server.key")
+
+
+@dataclass(frozen=True)
+class Broker:
+    port: int  # plain TCP (the IoT Core stand-in connects here)
+    tls_port: int  # TLS with client certificates
+    tls: TlsFiles
+
+
+@pytest.fixture
+def mosquitto_tls(tmp_path: Path) -> Iterator[Broker]:
+    """mosquitto with a plain listener and a mutual-TLS listener (client certs required)."""
+    tls = make_tls_files(tmp_path / "tls")
+    tls_port = free_port()
+    extra = (f"listener {tls_port} 127.0.0.1\ncafile {tls.ca}\ncertfile {tls.server_cert}\n"
+             f"keyfile {tls.server_key}\nrequire_certificate true\nuse_identity_as_username true\n")
+    with _mosquitto(tmp_path, extra) as port:
+        yield Broker(port, tls_port, tls)
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[int]:
     """A real mosquitto on a free loopback port (plain TCP, anonymous); yields the port."""
+    with _mosquitto(tmp_path, "") as port:
+        yield port
+
+
+@contextlib.contextmanager
+def _mosquitto(tmp_path: Path, extra_conf: str) -> Iterator[int]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         pytest.skip("mosquitto is not installed (scripts/ensure-system-deps.sh)")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    # `user`: mosquitto started as root would otherwise drop to "mosquitto" and could not
+    # read the certificates under the test's private temp dir.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    conf.write_text(f"user {user}\nallow_anonymous true\npersistence false\n"
+                    f"listener {port} 127.0.0.1\n{extra_conf}")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def accepting() -> bool:

@@ -1,5 +1,5 @@
 """The agent end to end over a real mosquitto: IoT Jobs protocol, updates, uplink, restarts."""
-# ruff: noqa: F811  (pytest fixtures imported from edge_support)
+
 
 from __future__ import annotations
 
@@ -8,20 +8,26 @@ import subprocess
 import sys
 
 import pytest
-
 from mledge_edge.agent import CRASH_ENV, CRASH_EXIT_CODE, Agent
 from mledge_edge.config import AgentConfig
+
+from tests import edge_support
 from tests.conftest import subprocess_env
 from tests.edge_support import (
     MODEL,
-    artifacts,
+    FakeIotJobs,
     document_for,
-    iot,
     make_kmeans_model,
     make_release,
-    mosquitto,
     wait_until,
 )
+
+# Fixtures from the shared edge test support module, used by name.
+artifacts = edge_support.artifacts
+iot = edge_support.iot
+mosquitto = edge_support.mosquitto
+mosquitto_tls = edge_support.mosquitto_tls
+
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +124,19 @@ def test_killed_during_install_restarts_with_a_model_and_reports_the_job(tmp_pat
         assert len(artifacts.requests) == 1  # nothing downloaded again after the restart
     finally:
         agent.stop()
+
+
+def test_agent_over_mutual_tls(tmp_path, mosquitto_tls, artifacts, models):
+    broker = mosquitto_tls
+    fake = FakeIotJobs(broker.port)
+    config = agent_config(tmp_path, broker.tls_port, insecure_no_tls=False, endpoint="localhost",
+                          cert=str(broker.tls.cert), key=str(broker.tls.key), ca=str(broker.tls.ca))
+    agent = Agent(config)
+    try:
+        v1 = make_release(artifacts, 1, models[1])
+        fake.add_job("dev-1", "job-v1", lambda: document_for(artifacts, v1))
+        agent.start()
+        assert fake.wait_for_terminal("dev-1", "job-v1").status == "SUCCEEDED"
+    finally:
+        agent.stop()
+        fake.close()

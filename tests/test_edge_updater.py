@@ -13,6 +13,7 @@ from mledge_edge.store import INSTALL_STEPS, ModelStore
 from mledge_edge.updater import UpdateFailed, Updater, UpdateRejected
 from mledge_update.hashing import sha256_hex
 
+from tests import edge_support
 from tests.edge_support import (
     ArtifactServer,
     document_for,
@@ -21,6 +22,10 @@ from tests.edge_support import (
     make_release,
     training_rows,
 )
+
+# Fixtures from the shared edge test support module, used by name.
+artifacts = edge_support.artifacts
+
 
 
 class SimulatedCrash(BaseException):
