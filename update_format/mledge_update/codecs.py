@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import bsdiff4
 import zstandard
 
+from . import onnx_xor, zstd_patch
+from ._wire import MAX_OUTPUT_BYTES, zstd_decompress_checked
 from .errors import PatchError, UnknownCodecError
 from .hashing import sha256_hex
 
 # Larger outputs are refused rather than allocated: a corrupt length field must not
 # make a device try to allocate gigabytes.
-MAX_MODEL_BYTES = 2**31
+MAX_MODEL_BYTES = MAX_OUTPUT_BYTES
 
 
 @dataclass(frozen=True)
@@ -149,38 +151,16 @@ def decode_full(encoding: str, blob: bytes, *, max_size: int = MAX_MODEL_BYTES) 
     raise UnknownCodecError(f"unknown full-model encoding {encoding!r}; known: {list(FULL_ENCODINGS)}")
 
 
-def zstd_decompress_checked(
-    blob: bytes,
-    *,
-    max_size: int = MAX_MODEL_BYTES,
-    what: str = "zstd",
-    decompressor: zstandard.ZstdDecompressor | None = None,
-) -> bytes:
-    """Decompress exactly one zstd frame that records its content size; anything
-    else (truncation, trailing bytes, corruption caught by the frame checksum) is a PatchError."""
-    try:
-        params = zstandard.get_frame_parameters(blob)
-    except zstandard.ZstdError as exc:
-        raise PatchError(f"{what}: not a zstd frame: {exc}") from exc
-    if params.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
-        raise PatchError(f"{what}: frame does not record its content size")
-    if params.content_size > max_size:
-        raise PatchError(f"{what}: content size {params.content_size} exceeds {max_size}")
-    if not params.has_checksum:
-        raise PatchError(f"{what}: frame carries no checksum")
-    decompressor = decompressor or zstandard.ZstdDecompressor()
-    try:
-        reader = decompressor.decompressobj()
-        out = reader.decompress(blob)
-        if not reader.eof:
-            raise PatchError(f"{what}: truncated frame")
-        if reader.unused_data:
-            raise PatchError(f"{what}: {len(reader.unused_data)} unexpected bytes after the frame")
-    except zstandard.ZstdError as exc:
-        raise PatchError(f"{what}: corrupt frame: {exc}") from exc
-    if len(out) != params.content_size:
-        raise PatchError(f"{what}: decoded {len(out)} bytes, frame says {params.content_size}")
-    return out
 
+# Registration order is the order SUPPORTED_CODECS lists (baseline first). A new codec
+# gets a new name and a new registration here; never change what an existing name means.
+register_codec(
+    Codec(zstd_patch.NAME, zstd_patch.make, zstd_patch.apply,
+          "zstd level 19 with the old model as dictionary (patch-from), long window")
+)
+register_codec(
+    Codec(onnx_xor.NAME, onnx_xor.make, onnx_xor.apply,
+          "XOR of paired ONNX numeric arrays split into byte planes + zstd; rest by zstd-patch")
+)
 
 SUPPORTED_CODECS: tuple[str, ...] = registered_codecs()
