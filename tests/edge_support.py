@@ -93,23 +93,24 @@ def mosquitto_tls(tmp_path: Path) -> Iterator[Broker]:
     tls_port = free_port()
     extra = (f"listener {tls_port} 127.0.0.1\ncafile {tls.ca}\ncertfile {tls.server_cert}\n"
              f"keyfile {tls.server_key}\nrequire_certificate true\nuse_identity_as_username true\n")
-    with _mosquitto(tmp_path, extra) as port:
+    with run_mosquitto(tmp_path, extra) as port:
         yield Broker(port, tls_port, tls)
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[int]:
     """A real mosquitto on a free loopback port (plain TCP, anonymous); yields the port."""
-    with _mosquitto(tmp_path, "") as port:
+    with run_mosquitto(tmp_path, "") as port:
         yield port
 
 
 @contextlib.contextmanager
-def _mosquitto(tmp_path: Path, extra_conf: str) -> Iterator[int]:
+def run_mosquitto(tmp_path: Path, extra_conf: str, port: int | None = None) -> Iterator[int]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).exists():
         pytest.skip("mosquitto is not installed (scripts/ensure-system-deps.sh)")
-    port = free_port()
+    port = port or free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     conf = tmp_path / "mosquitto.conf"
     # `user`: mosquitto started as root would otherwise drop to "mosquitto" and could not
     # read the certificates under the test's private temp dir.

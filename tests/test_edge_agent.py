@@ -17,8 +17,10 @@ from tests.edge_support import (
     MODEL,
     FakeIotJobs,
     document_for,
+    free_port,
     make_kmeans_model,
     make_release,
+    run_mosquitto,
     wait_until,
 )
 
@@ -140,3 +142,27 @@ def test_agent_over_mutual_tls(tmp_path, mosquitto_tls, artifacts, models):
     finally:
         agent.stop()
         fake.close()
+
+
+def test_agent_catches_up_after_the_broker_restarts(tmp_path, artifacts, models):
+    port = free_port()
+    with run_mosquitto(tmp_path / "a", "", port):
+        agent = Agent(agent_config(tmp_path, port))
+        agent.start()
+    # The broker came back without our session: the agent must reconnect, resubscribe
+    # and call start-next by itself (the notify-next below is published before it is back).
+    try:
+        with run_mosquitto(tmp_path / "b", "", port):
+            fake = FakeIotJobs(port)
+            try:
+                v1 = make_release(artifacts, 1, models[1])
+                fake.add_job("dev-1", "job-v1", lambda: document_for(artifacts, v1))
+                assert fake.wait_for_terminal("dev-1", "job-v1", timeout=30).status == "SUCCEEDED"
+                assert agent.handle.info.version == 1
+                v2 = make_release(artifacts, 2, models[2], [(1, models[1])])
+                fake.add_job("dev-1", "job-v2", lambda: document_for(artifacts, v2))  # via notify-next
+                assert fake.wait_for_terminal("dev-1", "job-v2").status == "SUCCEEDED"
+            finally:
+                fake.close()
+    finally:
+        agent.stop()
