@@ -130,7 +130,8 @@ def test_not_gzip_at_all(tmp_path: Path, vibration):
 
 
 def test_too_few_usable_records(tmp_path: Path, vibration):
-    bad = [{**r, "features": r["features"][:3]} for r in vibration[:50]]
+    bad = [{**r, "id": f"bad-{i}", "features": r["features"][:3]}
+           for i, r in enumerate(vibration[:50])]
     base = setup(tmp_path, synthetic.kmeans_hyperparameters(), vibration[:5] + bad)
     fails(base, EXIT_DATA, "too little data", "5 usable records", "50 wrong feature count")
 
