@@ -92,6 +92,11 @@ def http_show_version(model: str, version: str) -> dict:
     return operator_api.show_version(_operator(), model, version)
 
 
+@app.route("/models/{model}/fleet", methods=["GET"], authorizer=_iam)
+def http_fleet(model: str) -> dict:
+    return operator_api.fleet(_operator(), model)
+
+
 @app.route("/models/{model}/trainings", methods=["POST"], authorizer=_iam)
 def http_start_training(model: str) -> dict:
     return operator_api.start_training(_operator(), model, app.current_request.json_body)

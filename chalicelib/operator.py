@@ -59,6 +59,22 @@ class ModelSummary:
 
 
 @dataclass(frozen=True)
+class FleetState:
+    """Where the fleet stands on a model's current release (its IoT Job's executions)."""
+
+    model: str
+    thing_group: str
+    released_version: int | None
+    job_id: str | None
+    job_status: str | None
+    counts: dict[str, int]
+    things: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class RollbackRequest:
     model: str
     version: int
@@ -120,6 +136,31 @@ class Operator:
     def show(self, model: str, version: int) -> VersionRecord:
         self.config.model(model)
         return self.registry.get(model, version)
+
+    def fleet(self, model: str) -> FleetState:
+        """The current release's job: its status and each thing's execution status."""
+        cfg = self.config.model(model)
+        release = self.registry.current_release(model)
+        job_id = (release.release or {}).get("job_id") if release else None
+        if release is None or not job_id:
+            return FleetState(model, cfg.thing_group, None, None, None, {}, {})
+        iot = self.clients.iot
+        job = iot.describe_job(jobId=job_id)["job"]
+        things: dict[str, str] = {}
+        kwargs: dict[str, Any] = {"jobId": job_id, "maxResults": 250}
+        while True:
+            page = iot.list_job_executions_for_job(**kwargs)
+            for execution in page.get("executionSummaries", []):
+                thing = str(execution.get("thingArn", "")).rsplit("/", 1)[-1]
+                things[thing] = execution.get("jobExecutionSummary", {}).get("status", "UNKNOWN")
+            if not page.get("nextToken"):
+                break
+            kwargs["nextToken"] = page["nextToken"]
+        counts: dict[str, int] = {}
+        for status in things.values():
+            counts[status] = counts.get(status, 0) + 1
+        return FleetState(model, cfg.thing_group, release.version, job_id, job.get("status"),
+                          dict(sorted(counts.items())), dict(sorted(things.items())))
 
     # -- acting
 

@@ -76,6 +76,11 @@ def list_versions(op: Operator, model: str) -> dict[str, Any]:
 
 
 @http_errors
+def fleet(op: Operator, model: str) -> dict[str, Any]:
+    return op.fleet(model).to_dict()
+
+
+@http_errors
 def show_version(op: Operator, model: str, version: str) -> dict[str, Any]:
     return op.show(model, parse_version(version)).to_dict()
 

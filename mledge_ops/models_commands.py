@@ -52,6 +52,9 @@ def register(sub: Any) -> None:
     p = add("show", "show one version: lineage, gate reasons, release, history", cmd_show)
     p.add_argument("model")
     p.add_argument("version", type=int)
+    p = add("fleet", "show the current release's rollout: each device's update status",
+            cmd_fleet)
+    p.add_argument("model")
     p = add("train", "start a training of a model now", cmd_train)
     p.add_argument("model")
     p.add_argument("--reason", default="operator request", help="recorded with the training")
@@ -193,6 +196,21 @@ def cmd_show(args: argparse.Namespace) -> int:
     for entry in record.history:
         arrow = f"{entry.get('from') or '-'} -> {entry.get('to')}" if entry.get("to") else "note"
         print(f"  {entry.get('at')}  {arrow}  {entry.get('reason') or ''}".rstrip())
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    state = _operator().fleet(args.model)
+    if args.json:
+        _print_json(state.to_dict())
+        return 0
+    if state.job_id is None:
+        print(f"{state.model}: nothing released yet (thing group {state.thing_group})")
+        return 0
+    counts = ", ".join(f"{n} {status}" for status, n in state.counts.items()) or "no devices"
+    print(f"{state.model} v{state.released_version}: job {state.job_id} ({state.job_status}); "
+          f"{counts}")
+    print_table(["THING", "STATUS"], [[thing, status] for thing, status in state.things.items()])
     return 0
 
 

@@ -308,3 +308,30 @@ def test_cli_promote_requires_a_reason(app_runtime):
     with pytest.raises(SystemExit) as exit_info:
         main(["promote", VIB, "3"])
     assert exit_info.value.code == 2
+
+
+# ---------------------------------------------------------------- the fleet's state
+
+
+def test_fleet_shows_each_device_on_the_current_release(http, aws, settings, registry,
+                                                        state_store, capsys):
+    assert main(["fleet", VIB]) == 0
+    assert "nothing released yet (thing group mledge-vibration)" in capsys.readouterr().out
+
+    version = released_version_with(registry, state_store, VIB, aws, settings.bucket, 0.5)
+    arns = [aws.iot.create_thing(thingName=name)["thingArn"] for name in ("dev-a", "dev-b")]
+    aws.iot.create_job(jobId=f"{VIB}-v{version}", targets=arns, document="{}")
+    aws.iot.cancel_job_execution(jobId=f"{VIB}-v{version}", thingName="dev-b")
+
+    body = http.http.get(f"/models/{VIB}/fleet").json_body
+    assert body["released_version"] == version
+    assert body["job_id"] == f"{VIB}-v{version}"
+    assert body["things"] == {"dev-a": "QUEUED", "dev-b": "CANCELED"}
+    assert body["counts"] == {"CANCELED": 1, "QUEUED": 1}
+    assert http.http.get("/models/nope/fleet").status_code == 404
+
+    assert main(["fleet", VIB]) == 0
+    out = capsys.readouterr().out
+    assert f"{VIB} v{version}: job {VIB}-v{version}" in out
+    assert "1 CANCELED, 1 QUEUED" in out
+    assert "dev-b  CANCELED" in out
