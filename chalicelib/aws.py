@@ -66,3 +66,9 @@ class AwsClients:
     @property
     def batch(self) -> Any:
         return self.client("batch")
+
+
+def error_code(exc: BaseException) -> str:
+    """The AWS error code of a botocore ClientError ('' for anything else)."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))

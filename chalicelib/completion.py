@@ -29,7 +29,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib.aws import AwsClients
+from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import PipelineConfig, UnknownModelError
 from chalicelib.gate import evaluate
 from chalicelib.model_events import (
@@ -210,7 +210,7 @@ def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
     try:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"]
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
             raise ArtifactError(f"model artifact {artifact_uri} not found") from None
         raise

@@ -14,6 +14,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from chalicelib.aws import error_code
 from chalicelib.config import ModelConfig
 
 PRESIGNED_URL_EXPIRY_SECONDS = 3600
@@ -80,7 +81,7 @@ def thing_group_arn(iot: Any, group: str) -> str:
     try:
         return iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         if code == "ResourceNotFoundException":
             raise OtaError(f"thing group {group!r} does not exist (create it with infra/ "
                            "or the local stack)") from None
@@ -95,7 +96,7 @@ def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
         iot.describe_job(jobId=job_id)
         return False
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+        if error_code(exc) != "ResourceNotFoundException":
             raise
     if not presign_role_arn:
         raise OtaError("MLEDGE_IOT_PRESIGN_ROLE_ARN is not set: IoT Jobs needs a role to "
@@ -108,7 +109,7 @@ def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
     try:
         iot.create_job(**request)
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         if code == "ResourceAlreadyExistsException":
             return False
         raise OtaError(f"CreateJob {job_id} failed: {code or exc}") from None
@@ -123,7 +124,7 @@ def cancel_queued(iot: Any, job_id: str, comment: str) -> bool:
                        force=False)
         return True
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         if code in ("ResourceNotFoundException", "InvalidStateTransitionException",
                     "InvalidRequestException"):
             return False

@@ -49,7 +49,7 @@ from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFor
 from mledge_update.hashing import sha256_hex
 
 from chalicelib import layout, ota
-from chalicelib.aws import AwsClients
+from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
 from chalicelib.registry import (
     AlreadyReleasedError,
@@ -419,7 +419,7 @@ def _get(s3: Any, bucket: str, key: str) -> bytes:
             raise ArtifactError(f"s3://{bucket}/{key} is larger than {MAX_ARTIFACT_BYTES} bytes")
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
+        code = error_code(exc)
         raise ArtifactError(f"cannot read s3://{bucket}/{key}: {code or exc}") from None
 
 

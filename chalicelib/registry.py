@@ -33,6 +33,8 @@ from typing import Any
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
+from chalicelib.aws import error_code
+
 HEAD_VERSION = 0
 
 
@@ -209,7 +211,7 @@ def _record_from_item(item: Mapping[str, Any]) -> VersionRecord:
 
 
 def _is_conditional_failure(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") in (
+    return error_code(exc) in (
         "ConditionalCheckFailedException",
         "TransactionCanceledException",
     )

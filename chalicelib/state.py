@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chalicelib.aws import error_code
 from chalicelib.tables import STATE_KEY, STATE_TTL_ATTRIBUTE
 
 # How long past a job's max runtime its lock still holds: SageMaker and Batch
@@ -62,11 +63,6 @@ def event_key(event_id: str) -> str:
     return f"event#{event_id}"
 
 
-def _error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))
-
-
 class StateStore:
     """Counters, locks and event markers in the state table."""
 
@@ -88,7 +84,7 @@ class StateStore:
                 ExpressionAttributeNames={"#pk": STATE_KEY},
             )
         except Exception as exc:
-            if _error_code(exc) == _CONDITION_FAILED:
+            if error_code(exc) == _CONDITION_FAILED:
                 return False
             raise
         return True
@@ -121,7 +117,7 @@ class StateStore:
                 }},
             ])
         except Exception as exc:
-            if _error_code(exc) in (_TRANSACTION_CANCELED, _CONDITION_FAILED):
+            if error_code(exc) in (_TRANSACTION_CANCELED, _CONDITION_FAILED):
                 reasons = getattr(exc, "response", {}).get("CancellationReasons") or []
                 codes = [r.get("Code") for r in reasons]
                 if not codes or codes[0] == "ConditionalCheckFailed":
@@ -189,7 +185,7 @@ class StateStore:
                 ReturnValues="UPDATED_NEW",
             )
         except Exception as exc:
-            if _error_code(exc) != _CONDITION_FAILED:
+            if error_code(exc) != _CONDITION_FAILED:
                 raise
             # Fewer than `count` left (only if someone reset the counter): clear it.
             self.dynamodb.update_item(
@@ -234,7 +230,7 @@ class StateStore:
                 ExpressionAttributeValues={":now": {"N": repr(float(now))}},
             )
         except Exception as exc:
-            if _error_code(exc) == _CONDITION_FAILED:
+            if error_code(exc) == _CONDITION_FAILED:
                 return False
             raise
         return True
@@ -251,7 +247,7 @@ class StateStore:
                 ExpressionAttributeValues={":job": {"S": job_name}, ":v": {"N": str(version)}},
             )
         except Exception as exc:
-            if _error_code(exc) == _CONDITION_FAILED:
+            if error_code(exc) == _CONDITION_FAILED:
                 return False
             raise
         return True
@@ -266,7 +262,7 @@ class StateStore:
                 ExpressionAttributeValues={":v": {"N": str(version)}},
             )
         except Exception as exc:
-            if _error_code(exc) == _CONDITION_FAILED:
+            if error_code(exc) == _CONDITION_FAILED:
                 return False
             raise
         return True

@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from chalicelib import layout
+from chalicelib.aws import error_code
 from chalicelib.backends import (
     TrainingBackend,
     TrainingRequest,
@@ -309,7 +310,7 @@ class Trigger:
         try:
             records = count_records(self.clients.s3, bucket, key)
         except Exception as exc:
-            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            code = error_code(exc)
             if code in ("404", "NoSuchKey", "NotFound"):
                 report.ignored.append(f"object is gone: {key}")
                 return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
 from chalicelib.aws import AwsClients
 
@@ -64,7 +63,3 @@ def device_policy_name(stage: str) -> str:
     return f"mledge-{stage}-device"
 
 
-def error_code(exc: Any) -> str:
-    """The AWS error code of a botocore ClientError ('' for anything else)."""
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", ""))

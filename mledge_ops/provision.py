@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from chalicelib.aws import error_code
 from chalicelib.config import ConfigError, UnknownModelError, load_pipeline_config
 from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
 from mledge_ops.common import (
@@ -30,7 +31,6 @@ from mledge_ops.common import (
     aws_options,
     clients_from_args,
     device_policy_name,
-    error_code,
 )
 
 THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")

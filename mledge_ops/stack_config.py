@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chalicelib.aws import error_code
 from mledge_ops.common import (
     STAGES,
     OpsError,
     aws_options,
     clients_from_args,
-    error_code,
     pipeline_stack_name,
     training_stack_name,
 )
