@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-from chalice import Chalice
-from chalice.app import SQSEvent
+from chalice import Chalice, IAMAuthorizer, Rate
+from chalice.app import CloudWatchEvent, SQSEvent
 
-from chalicelib import ingest
+from chalicelib import completion, ingest, operator_api, trigger
+from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
 app = Chalice(app_name="mledgedeploy")
@@ -15,6 +16,7 @@ app = Chalice(app_name="mledgedeploy")
 # Read at import time: the decorator needs the queue name when chalice packages the app
 # (tests/conftest.py sets it before importing app; .chalice/config.json per stage).
 TELEMETRY_QUEUE = os.environ.get("MLEDGE_TELEMETRY_QUEUE", "mledge-dev-telemetry")
+RAW_EVENTS_QUEUE = os.environ.get("MLEDGE_RAW_EVENTS_QUEUE", "mledge-dev-raw-events")
 
 
 @app.on_sqs_message(queue=TELEMETRY_QUEUE, batch_size=ingest.INGEST_BATCH_SIZE,
@@ -23,3 +25,87 @@ def ingest_telemetry(event: SQSEvent) -> None:
     rt = get_runtime()
     ingest.ingest_sqs_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
                             config=rt.config)
+
+
+# --- retrain trigger (chalicelib/trigger.py): S3 raw/ events via SQS, and a schedule tick ---
+# S3 -> SQS -> on_sqs_message, because `chalice package` refuses on_s3_event; the
+# handler also takes a direct S3 event, so @app.on_s3_event works with `chalice deploy`.
+
+@app.on_sqs_message(queue=RAW_EVENTS_QUEUE, batch_size=10)
+def on_raw_objects_created(event: SQSEvent) -> None:
+    rt = get_runtime()
+    trigger.handle_raw_events(event.to_dict(), clients=rt.clients, settings=rt.settings,
+                              config=rt.config)
+
+
+@app.schedule(Rate(trigger.SCHEDULE_TICK_MINUTES, unit=Rate.MINUTES))
+def retrain_on_schedule(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    trigger.run_scheduled_trainings(clients=rt.clients, settings=rt.settings, config=rt.config)
+
+
+# --- training completion -> registry + gate (chalicelib/completion.py) ---------------
+
+@app.on_cw_event(completion.SAGEMAKER_PATTERN)
+def on_sagemaker_training_state(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    completion.handle_sagemaker_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
+                                      config=rt.config)
+
+
+@app.on_cw_event(completion.BATCH_PATTERN)
+def on_batch_training_state(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    completion.handle_batch_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
+                                  config=rt.config)
+
+
+@app.on_cw_event(completion.LOCAL_PATTERN)
+def on_local_training_state(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    completion.handle_local_training_event(event.to_dict(), clients=rt.clients,
+                                           settings=rt.settings, config=rt.config)
+
+
+# --- operator API (chalicelib/operator_api.py), IAM-authorized -------------------------
+
+_iam = IAMAuthorizer()
+
+
+def _operator() -> Operator:
+    rt = get_runtime()
+    return Operator(clients=rt.clients, settings=rt.settings, config=rt.config)
+
+
+@app.route("/models", methods=["GET"], authorizer=_iam)
+def http_list_models() -> dict:
+    return operator_api.list_models(_operator())
+
+
+@app.route("/models/{model}/versions", methods=["GET"], authorizer=_iam)
+def http_list_versions(model: str) -> dict:
+    return operator_api.list_versions(_operator(), model)
+
+
+@app.route("/models/{model}/versions/{version}", methods=["GET"], authorizer=_iam)
+def http_show_version(model: str, version: str) -> dict:
+    return operator_api.show_version(_operator(), model, version)
+
+
+@app.route("/models/{model}/trainings", methods=["POST"], authorizer=_iam)
+def http_start_training(model: str) -> dict:
+    return operator_api.start_training(_operator(), model, app.current_request.json_body)
+
+
+@app.route("/models/{model}/versions/{version}/promote", methods=["POST"], authorizer=_iam)
+def http_promote(model: str, version: str) -> dict:
+    request = app.current_request
+    return operator_api.promote(_operator(), model, version, request.json_body,
+                                operator_api.actor_of(request.context))
+
+
+@app.route("/models/{model}/rollback", methods=["POST"], authorizer=_iam)
+def http_rollback(model: str) -> dict:
+    request = app.current_request
+    return operator_api.rollback(_operator(), model, request.json_body,
+                                 operator_api.actor_of(request.context))

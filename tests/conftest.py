@@ -75,3 +75,7 @@ def aws(settings) -> Iterator:
         clients.sqs.create_queue(QueueName=settings.telemetry_queue)
         clients.sqs.create_queue(QueueName=settings.raw_events_queue)
         yield clients
+
+
+# Fixtures of the registry / gate / completion / operator tests.
+pytest_plugins = ["tests.registry_support"]

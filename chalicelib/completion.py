@@ -1,0 +1,412 @@
+"""Training completion: SageMaker / Batch state-change events -> registry, gate, ModelApproved.
+
+One handler per event source (app.py), one function here that does the work:
+
+- intermediate states (InProgress, Stopping, SUBMITTED ... RUNNING) are ignored;
+- Failed / Stopped / FAILED: the version becomes FAILED with the job's reason;
+- Completed / SUCCEEDED: read ``metrics.json`` from the job's ``model.tar.gz``
+  (missing or corrupt artifact: FAILED with the reason), run the gate, store
+  metrics + decision + reasons, REJECTED or APPROVED, and on approval emit
+  ``ModelApproved``;
+- in every terminal case the model's training lock is released (conditional on
+  the version holding it).
+
+Repeated or concurrent events are harmless: the TRAINING -> ... transition is
+conditional (only one handler moves the version), and the approval is announced
+through a state-table marker claimed before sending (only one ModelApproved per
+approval; a send that failed is retried by the next delivery).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.aws import AwsClients
+from chalicelib.config import PipelineConfig, UnknownModelError
+from chalicelib.gate import evaluate
+from chalicelib.model_events import (
+    announce_approval_once,
+    model_approved_detail,
+    training_artifact_uri,
+)
+from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
+from chalicelib.settings import Settings
+from chalicelib.state import StateStore
+
+log = logging.getLogger(__name__)
+
+SAGEMAKER_PATTERN = {"source": ["aws.sagemaker"],
+                     "detail-type": ["SageMaker Training Job State Change"]}
+BATCH_PATTERN = {"source": ["aws.batch"], "detail-type": ["Batch Job State Change"]}
+LOCAL_PATTERN = {"source": ["mledge.local-training"],
+                 "detail-type": ["SageMaker Training Job State Change"]}
+
+SAGEMAKER_SUCCEEDED = {"Completed"}
+SAGEMAKER_FAILED = {"Failed", "Stopped"}
+BATCH_SUCCEEDED = {"SUCCEEDED"}
+BATCH_FAILED = {"FAILED"}
+
+_JOB_NAME = re.compile(r"^mledge-(?P<rest>.+)$")
+_VERSION_PART = re.compile(r"-v(?P<version>\d+)-")
+# metrics.json is small; a bigger member is not ours.
+_MAX_METRICS_BYTES = 1 << 20
+
+
+class ArtifactError(Exception):
+    """The training artifact is missing, unreadable or incomplete."""
+
+
+@dataclass(frozen=True)
+class JobStateChange:
+    """A training job state change, whatever service reported it."""
+
+    backend: str
+    job_name: str
+    model: str | None
+    version: int | None
+    state: str  # "succeeded" | "failed" | "running"
+    raw_status: str
+    failure_reason: str | None = None
+    artifact: str | None = None
+
+
+@dataclass
+class CompletionResult:
+    outcome: str  # ignored | unknown | duplicate | failed | rejected | approved
+    model: str | None = None
+    version: int | None = None
+    message: str = ""
+    reasons: list[str] = field(default_factory=list)
+    lock_released: bool = False
+    announced: bool = False
+
+
+# ---------------------------------------------------------------- parsing events
+
+
+def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str, int] | None:
+    """(model, version) of a job: its `mledge:model`/`mledge:version` tags, else its name.
+
+    Names are ``mledge-<model>-v<version>-<suffix>``; model names may contain
+    ``-v<digits>-`` themselves, so each split point is tried and a configured model
+    wins.
+    """
+    tag_map = _tags(tags)
+    if tag_map.get("mledge:model") and str(tag_map.get("mledge:version", "")).isdigit():
+        return str(tag_map["mledge:model"]), int(tag_map["mledge:version"])
+    match = _JOB_NAME.match(job_name or "")
+    if not match:
+        return None
+    rest = match.group("rest")
+    candidates: list[tuple[str, int]] = []
+    for i in range(1, len(rest)):
+        m = _VERSION_PART.match(rest, i)
+        if m:
+            candidates.append((rest[:i], int(m.group("version"))))
+    for model, version in candidates:
+        if model in known_models:
+            return model, version
+    return candidates[0] if candidates else None
+
+
+def _tags(tags: Any) -> dict[str, str]:
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    if isinstance(tags, list):
+        return {str(t.get("Key") or t.get("key")): str(t.get("Value") or t.get("value"))
+                for t in tags if isinstance(t, dict)}
+    return {}
+
+
+def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
+                          backend: str = "sagemaker") -> JobStateChange:
+    detail = event.get("detail") or {}
+    job_name = str(detail.get("TrainingJobName", ""))
+    status = str(detail.get("TrainingJobStatus", ""))
+    ident = identify_job(job_name, detail.get("Tags"), known_models)
+    if status in SAGEMAKER_SUCCEEDED:
+        state = "succeeded"
+    elif status in SAGEMAKER_FAILED:
+        state = "failed"
+    else:
+        state = "running"
+    reason = None
+    if state == "failed":
+        reason = detail.get("FailureReason") or (
+            "training job was stopped" if status == "Stopped" else "training job failed")
+        if status == "Stopped" and detail.get("FailureReason"):
+            reason = f"stopped: {detail['FailureReason']}"
+    artifact = (detail.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+    return JobStateChange(
+        backend=backend, job_name=job_name,
+        model=ident[0] if ident else None, version=ident[1] if ident else None,
+        state=state, raw_status=status, failure_reason=reason, artifact=artifact,
+    )
+
+
+def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str) \
+        -> JobStateChange:
+    detail = event.get("detail") or {}
+    job_name = str(detail.get("jobName", ""))
+    status = str(detail.get("status", ""))
+    ident = identify_job(job_name, detail.get("tags"), known_models)
+    if status in BATCH_SUCCEEDED:
+        state = "succeeded"
+    elif status in BATCH_FAILED:
+        state = "failed"
+    else:
+        state = "running"
+    reason = None
+    if state == "failed":
+        reason = _batch_failure_reason(detail)
+    artifact = training_artifact_uri(bucket, ident[0], job_name) if ident else None
+    return JobStateChange(
+        backend="batch", job_name=job_name,
+        model=ident[0] if ident else None, version=ident[1] if ident else None,
+        state=state, raw_status=status, failure_reason=reason, artifact=artifact,
+    )
+
+
+def _batch_failure_reason(detail: dict[str, Any]) -> str:
+    parts: list[str] = []
+    if detail.get("statusReason"):
+        parts.append(str(detail["statusReason"]))
+    container = dict(detail.get("container") or {})
+    attempts = detail.get("attempts") or []
+    if attempts and isinstance(attempts[-1], dict):
+        container = {**(attempts[-1].get("container") or {}), **container}
+    if container.get("reason"):
+        parts.append(str(container["reason"]))
+    if container.get("exitCode") not in (None, 0):
+        parts.append(f"exit code {container['exitCode']}")
+    return "; ".join(dict.fromkeys(parts)) or "batch job failed"
+
+
+# ---------------------------------------------------------------- the artifact
+
+
+def _split_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise ArtifactError(f"model artifact location {uri!r} is not an s3:// URI")
+    bucket, key = uri[5:].split("/", 1)
+    return bucket, key
+
+
+def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
+    """metrics.json out of a job's model.tar.gz, after checking model.onnx is there too.
+
+    Streams the archive (it is not held in memory). When metrics.json names the
+    ONNX file's SHA-256, the model.onnx in the archive must match it.
+    """
+    bucket, key = _split_s3_uri(artifact_uri)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
+            raise ArtifactError(f"model artifact {artifact_uri} not found") from None
+        raise
+    metrics_bytes: bytes | None = None
+    onnx_sha256: str | None = None
+    try:
+        with tarfile.open(fileobj=body, mode="r|gz") as archive:
+            for member in archive:
+                name = member.name.lstrip("./")
+                if not member.isfile() or name not in ("metrics.json", "model.onnx"):
+                    continue
+                handle = archive.extractfile(member)
+                if handle is None:
+                    continue
+                if name == "metrics.json":
+                    if member.size > _MAX_METRICS_BYTES:
+                        raise ArtifactError(f"metrics.json in {artifact_uri} is too large "
+                                            f"({member.size} bytes)")
+                    metrics_bytes = handle.read()
+                else:
+                    digest = hashlib.sha256()
+                    for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                        digest.update(chunk)
+                    onnx_sha256 = digest.hexdigest()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ArtifactError(f"model artifact {artifact_uri} is not a readable tar.gz: {exc}") \
+            from None
+    if metrics_bytes is None:
+        raise ArtifactError(f"model artifact {artifact_uri} has no metrics.json")
+    if onnx_sha256 is None:
+        raise ArtifactError(f"model artifact {artifact_uri} has no model.onnx")
+    try:
+        metrics = json.loads(metrics_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"metrics.json in {artifact_uri} is not valid JSON: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"metrics.json in {artifact_uri} is not a JSON object")
+    expected_sha = (metrics.get("onnx") or {}).get("sha256") \
+        if isinstance(metrics.get("onnx"), dict) else None
+    if expected_sha and expected_sha != onnx_sha256:
+        raise ArtifactError(f"model.onnx in {artifact_uri} does not match metrics.json's "
+                            f"onnx.sha256 (corrupt artifact)")
+    return metrics
+
+
+# ---------------------------------------------------------------- handling
+
+
+class CompletionHandler:
+    """The completion logic over a registry, a state store, S3 and EventBridge."""
+
+    def __init__(self, *, registry: Registry, state: StateStore, s3: Any, events: Any,
+                 settings: Settings, config: PipelineConfig) -> None:
+        self.registry = registry
+        self.state = state
+        self.s3 = s3
+        self.events = events
+        self.settings = settings
+        self.config = config
+
+    @classmethod
+    def create(cls, *, clients: AwsClients, settings: Settings, config: PipelineConfig) \
+            -> CompletionHandler:
+        return cls(
+            registry=Registry(settings.registry_table, clients.dynamodb),
+            state=StateStore(settings.state_table, clients.dynamodb),
+            s3=clients.s3, events=clients.events, settings=settings, config=config,
+        )
+
+    @property
+    def known_models(self) -> set[str]:
+        return set(self.config.models)
+
+    def handle_sagemaker(self, event: dict[str, Any], *, backend: str = "sagemaker") \
+            -> CompletionResult:
+        return self.handle(parse_sagemaker_event(event, self.known_models, backend=backend))
+
+    def handle_batch(self, event: dict[str, Any]) -> CompletionResult:
+        return self.handle(parse_batch_event(event, self.known_models, self.settings.bucket))
+
+    def handle(self, change: JobStateChange) -> CompletionResult:
+        if change.model is None or change.version is None:
+            log.info("ignoring %s job %r: not an mledge training job", change.backend,
+                     change.job_name)
+            return CompletionResult("ignored", message=f"not an mledge job: {change.job_name}")
+        model, version = change.model, change.version
+        if change.state == "running":
+            return CompletionResult("ignored", model, version,
+                                    f"intermediate state {change.raw_status}")
+        try:
+            record = self.registry.get(model, version)
+        except UnknownVersionError:
+            # Not ours to record (or the trigger died before writing it); free the lock
+            # if this version holds it so the model can train again.
+            released = self.state.release_training_lock(model, version)
+            log.warning("completion of %s for %s v%s: version not in the registry",
+                        change.job_name, model, version)
+            return CompletionResult("unknown", model, version,
+                                    f"{model} v{version} is not in the registry",
+                                    lock_released=released)
+        if record.status is not Status.TRAINING:
+            return self._duplicate(model, version, record.status)
+        if change.state == "failed":
+            return self._record_failure(change, change.failure_reason or "training job failed")
+        return self._gate(change)
+
+    def _duplicate(self, model: str, version: int, status: Status) -> CompletionResult:
+        # The version already left TRAINING; finish what the first delivery may not
+        # have: the lock, and (for an approval) the announcement.
+        released = self.state.release_training_lock(model, version)
+        announced = False
+        if status is Status.APPROVED:
+            record = self.registry.get(model, version)
+            announced = self._announce(record)
+        return CompletionResult("duplicate", model, version,
+                                f"{model} v{version} is already {status}",
+                                lock_released=released, announced=announced)
+
+    def _record_failure(self, change: JobStateChange, reason: str) -> CompletionResult:
+        model, version = change.model, change.version
+        assert model is not None and version is not None
+        try:
+            self.registry.transition(
+                model, version, Status.FAILED, expected=[Status.TRAINING],
+                reason=f"{change.backend} job {change.job_name} {change.raw_status}: {reason}",
+                failure_reason=reason,
+            )
+        except TransitionError:
+            current = self.registry.get(model, version)
+            return self._duplicate(model, version, current.status)
+        released = self.state.release_training_lock(model, version)
+        log.info("%s v%s FAILED: %s", model, version, reason)
+        return CompletionResult("failed", model, version, reason, [reason],
+                                lock_released=released)
+
+    def _gate(self, change: JobStateChange) -> CompletionResult:
+        model, version = change.model, change.version
+        assert model is not None and version is not None
+        artifact = change.artifact or training_artifact_uri(self.settings.bucket, model,
+                                                            change.job_name)
+        try:
+            model_config = self.config.model(model)
+        except UnknownModelError as exc:
+            return self._record_failure(change, f"model is not in the pipeline config: {exc}")
+        try:
+            metrics = read_metrics(self.s3, artifact)
+        except ArtifactError as exc:
+            return self._record_failure(change, str(exc))
+        decision = evaluate(model_config, metrics,
+                            champion_in_production=self.registry.released_version(model)
+                            is not None)
+        to = Status.APPROVED if decision.approved else Status.REJECTED
+        try:
+            record = self.registry.transition(
+                model, version, to, expected=[Status.TRAINING],
+                reason=f"gate: {decision.summary()}",
+                metrics=metrics, gate=decision.to_dict(), artifact=artifact,
+            )
+        except TransitionError:
+            current = self.registry.get(model, version)
+            return self._duplicate(model, version, current.status)
+        released = self.state.release_training_lock(model, version)
+        announced = self._announce(record) if decision.approved else False
+        log.info("%s v%s %s: %s", model, version, to, "; ".join(decision.reasons))
+        return CompletionResult(to.lower(), model, version, decision.summary(),
+                                decision.reasons, lock_released=released, announced=announced)
+
+    def _announce(self, record: Any) -> bool:
+        artifact = record.artifact or training_artifact_uri(
+            self.settings.bucket, record.model, record.job_name or "")
+        manual = bool(record.override)
+        detail = model_approved_detail(record.model, record.version, artifact, manual=manual)
+        return announce_approval_once(self.state, self.events, self.settings, detail)
+
+
+def handle_sagemaker_event(event: dict[str, Any], *, clients: AwsClients, settings: Settings,
+                           config: PipelineConfig) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+        .handle_sagemaker(event)
+
+
+def handle_local_training_event(event: dict[str, Any], *, clients: AwsClients,
+                                settings: Settings, config: PipelineConfig) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+        .handle_sagemaker(event, backend="local")
+
+
+def handle_batch_event(event: dict[str, Any], *, clients: AwsClients, settings: Settings,
+                       config: PipelineConfig) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+        .handle_batch(event)
+
+
+__all__ = [
+    "BATCH_PATTERN", "LOCAL_PATTERN", "SAGEMAKER_PATTERN", "ArtifactError", "CompletionHandler",
+    "CompletionResult", "JobStateChange", "handle_batch_event", "handle_local_training_event",
+    "handle_sagemaker_event", "identify_job", "parse_batch_event", "parse_sagemaker_event",
+    "read_metrics",
+]

@@ -1,0 +1,197 @@
+"""The metric gate: does a trained challenger deserve to reach the fleet?
+
+A pure function of the model's config and the training job's ``metrics.json``.
+Every rule yields one readable reason, whether it passes or fails, e.g.
+``silhouette 0.4100 ≥ threshold 0.3000: pass``; the decision approves only when
+every rule passes. The rules:
+
+1. ``metrics``: metrics.json is for this model's family and has a finite
+   challenger score for the configured metric;
+2. ``threshold``: challenger[metric] ≥ threshold;
+3. ``improvement``: when a champion was scored on the same holdout
+   (``champion`` not null), challenger ≥ champion + min_improvement. When none
+   was scored, this is the model's first version (threshold only) - unless the
+   caller says a model is in production, in which case a challenger that was
+   never compared to it is rejected;
+4. ``parity``: the ONNX export reproduces the library model (``parity.passed``);
+5. ``min_train_records``: it was trained on at least that many records
+   (``data.train``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from chalicelib.config import ModelConfig
+
+# Scores are floats: 0.95 + 0.005 is 0.9550000000000001, and a challenger scoring
+# 0.955 must not fail "0.9550 < 0.9550". Comparisons allow this much rounding.
+_ROUNDING = 1e-9
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    rule: str
+    passed: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    approved: bool
+    reasons: list[str]
+    metric: str
+    challenger: float | None
+    champion: float | None
+    threshold: float
+    min_improvement: float
+    first_model: bool
+    checks: list[GateCheck] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the registry stores as a version's `gate`."""
+        return {
+            "approved": self.approved,
+            "decision": "APPROVED" if self.approved else "REJECTED",
+            "reasons": list(self.reasons),
+            "metric": self.metric,
+            "challenger": self.challenger,
+            "champion": self.champion,
+            "threshold": self.threshold,
+            "min_improvement": self.min_improvement,
+            "first_model": self.first_model,
+            "checks": [asdict(c) for c in self.checks],
+        }
+
+    def summary(self) -> str:
+        failed = [c.reason for c in self.checks if not c.passed]
+        if self.approved:
+            return f"approved: {self.metric} {_num(self.challenger)}"
+        return "rejected: " + "; ".join(failed)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _score(section: Any, metric: str) -> float | None:
+    """A finite float score from a metrics.json section, else None."""
+    if not isinstance(section, dict):
+        return None
+    value = section.get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _verdict(passed: bool) -> str:
+    return "pass" if passed else "FAIL"
+
+
+def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
+             champion_in_production: bool = False) -> GateDecision:
+    """Decide on one challenger. `champion_in_production`: the model has a current release."""
+    metric = model_config.metric
+    threshold = float(model_config.threshold)
+    min_improvement = float(model_config.min_improvement)
+    checks: list[GateCheck] = []
+
+    # 1. the metrics are about this model and readable
+    family = metrics.get("family")
+    challenger = _score(metrics.get("challenger"), metric)
+    if family is not None and family != model_config.family:
+        checks.append(GateCheck("metrics", False,
+                                f"metrics.json is for family {family!r}, the model is "
+                                f"{model_config.family!r}: FAIL"))
+    elif challenger is None:
+        raw = (metrics.get("challenger") or {}).get(metric) \
+            if isinstance(metrics.get("challenger"), dict) else None
+        shown = "missing" if raw is None else f"not a finite number ({raw!r})"
+        checks.append(GateCheck("metrics", False,
+                                f"challenger {metric} is {shown} in metrics.json: FAIL"))
+    else:
+        checks.append(GateCheck("metrics", True,
+                                f"metrics.json has challenger {metric} for family "
+                                f"{model_config.family}: pass"))
+
+    # 2. threshold
+    if challenger is not None:
+        ok = challenger >= threshold - _ROUNDING
+        sign = "≥" if ok else "<"
+        checks.append(GateCheck("threshold", ok, f"{metric} {_num(challenger)} {sign} threshold "
+                                                 f"{_num(threshold)}: {_verdict(ok)}"))
+
+    # 3. improvement over the champion, on the same holdout
+    champion_section = metrics.get("champion")
+    champion = _score(champion_section, metric)
+    first_model = champion_section is None
+    if champion_section is None:
+        if champion_in_production:
+            checks.append(GateCheck(
+                "improvement", False,
+                "a model is in production but metrics.json has no champion score: the "
+                "challenger was never compared to it: FAIL"))
+        else:
+            checks.append(GateCheck(
+                "improvement", True,
+                "no champion scored (first model of this model): threshold only: pass"))
+    elif champion is None:
+        checks.append(GateCheck("improvement", False,
+                                f"champion {metric} is missing or not a finite number in "
+                                f"metrics.json: FAIL"))
+    elif challenger is not None:
+        needed = champion + min_improvement
+        ok = challenger >= needed - _ROUNDING
+        sign = "≥" if ok else "<"
+        checks.append(GateCheck(
+            "improvement", ok,
+            f"{metric} {_num(challenger)} {sign} champion {_num(champion)} + min_improvement "
+            f"{_num(min_improvement)} = {_num(needed)} (same holdout): {_verdict(ok)}"))
+
+    # 4. ONNX parity
+    parity = metrics.get("parity")
+    if not isinstance(parity, dict) or not isinstance(parity.get("passed"), bool):
+        checks.append(GateCheck("parity", False, "metrics.json has no parity result: FAIL"))
+    else:
+        ok = parity["passed"]
+        details = []
+        if isinstance(parity.get("max_abs_diff"), int | float):
+            details.append(f"max_abs_diff {parity['max_abs_diff']:.3g}")
+        if isinstance(parity.get("label_agreement"), int | float):
+            details.append(f"label_agreement {parity['label_agreement']:.4f}")
+        if isinstance(parity.get("rows"), int):
+            details.append(f"{parity['rows']} rows")
+        shown = f" ({', '.join(details)})" if details else ""
+        checks.append(GateCheck("parity", ok,
+                                f"ONNX parity {'passed' if ok else 'failed'}{shown}: "
+                                f"{_verdict(ok)}"))
+
+    # 5. enough training records
+    data = metrics.get("data")
+    train = data.get("train") if isinstance(data, dict) else None
+    minimum = model_config.min_train_records
+    if isinstance(train, bool) or not isinstance(train, int):
+        checks.append(GateCheck("min_train_records", False,
+                                "metrics.json has no data.train record count: FAIL"))
+    else:
+        ok = train >= minimum
+        sign = "≥" if ok else "<"
+        checks.append(GateCheck("min_train_records", ok,
+                                f"trained on {train} records {sign} min_train_records {minimum}: "
+                                f"{_verdict(ok)}"))
+
+    approved = all(c.passed for c in checks)
+    return GateDecision(
+        approved=approved,
+        reasons=[c.reason for c in checks],
+        metric=metric,
+        challenger=challenger,
+        champion=champion,
+        threshold=threshold,
+        min_improvement=min_improvement,
+        first_model=first_model,
+        checks=checks,
+    )

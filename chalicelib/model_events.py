@@ -1,0 +1,98 @@
+"""The `ModelApproved` event (EventBridge) that starts packaging, and announcing it once.
+
+Detail (BRIEF "Events"): ``{"model", "version", "artifact", "manual"}`` plus, for an
+operator rollback, ``"rollback": true`` and ``"replaces"`` (the version it replaces),
+and ``"reason"`` when an operator gave one.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from chalicelib.layout import training_output_prefix
+from chalicelib.settings import Settings
+from chalicelib.state import StateStore, event_key
+from chalicelib.tables import STATE_KEY
+
+MODEL_APPROVED = "ModelApproved"
+
+
+class EventEmitError(Exception):
+    """EventBridge did not accept an event."""
+
+
+def training_artifact_key(model: str, job_name: str) -> str:
+    """Where SageMaker (and our Batch jobs) put a job's `model.tar.gz`."""
+    return f"{training_output_prefix(model)}{job_name}/output/model.tar.gz"
+
+
+def training_artifact_uri(bucket: str, model: str, job_name: str) -> str:
+    return f"s3://{bucket}/{training_artifact_key(model, job_name)}"
+
+
+def model_approved_detail(model: str, version: int, artifact: str, *, manual: bool,
+                          rollback: bool = False, replaces: int | None = None,
+                          reason: str | None = None) -> dict[str, Any]:
+    detail: dict[str, Any] = {
+        "model": model, "version": int(version), "artifact": artifact, "manual": bool(manual),
+    }
+    if rollback:
+        detail["rollback"] = True
+    if replaces is not None:
+        detail["replaces"] = int(replaces)
+    if reason:
+        detail["reason"] = reason
+    return detail
+
+
+def emit_model_approved(events_client: Any, settings: Settings, detail: dict[str, Any]) -> str:
+    """PutEvents one ModelApproved; returns the event id; raises EventEmitError if refused."""
+    response = events_client.put_events(Entries=[{
+        "Source": settings.event_source,
+        "DetailType": MODEL_APPROVED,
+        "Detail": json.dumps(detail),
+        "EventBusName": settings.event_bus,
+        "Resources": [],
+    }])
+    entry = (response.get("Entries") or [{}])[0]
+    if response.get("FailedEntryCount") or "EventId" not in entry:
+        raise EventEmitError(
+            f"EventBridge refused ModelApproved for {detail.get('model')} "
+            f"v{detail.get('version')}: {entry.get('ErrorCode')} {entry.get('ErrorMessage')}"
+        )
+    return str(entry["EventId"])
+
+
+def approval_marker(model: str, version: int) -> str:
+    return f"model-approved#{model}#v{int(version)}"
+
+
+def announce_approval_once(state: StateStore, events_client: Any, settings: Settings,
+                           detail: dict[str, Any]) -> bool:
+    """Emit ModelApproved for an approval unless it was already announced.
+
+    The marker is claimed (conditional put) before the event is sent, so of two
+    concurrent announcers only one sends; if sending fails the marker is removed
+    again and the error propagates, so a retry sends it. Returns False when the
+    approval had already been announced.
+    """
+    marker = approval_marker(detail["model"], detail["version"])
+    if not state.mark_event_once(marker, ttl_days=365):
+        return False
+    try:
+        emit_model_approved(events_client, settings, detail)
+    except Exception:
+        state.dynamodb.delete_item(TableName=state.table_name,
+                                   Key={STATE_KEY: {"S": event_key(marker)}})
+        raise
+    return True
+
+
+def approval_announced(state: StateStore, model: str, version: int) -> bool:
+    item = state.dynamodb.get_item(
+        TableName=state.table_name,
+        Key={STATE_KEY: {"S": event_key(approval_marker(model, version))}},
+        ConsistentRead=True,
+    ).get("Item")
+    return item is not None

@@ -1,0 +1,493 @@
+"""The retrain trigger: S3 object-created events, the schedule and the operator.
+
+Three ways in, one way to start a training (`Trigger.start_training`):
+
+1. `handle_raw_events(event)`: S3 `ObjectCreated` notifications for `raw/`
+   objects, through the raw-events SQS queue (the body is S3's event JSON) or
+   delivered directly (`on_s3_event`). Each object's records are counted once
+   (event marker + counter in one DynamoDB transaction; keys are URL-decoded);
+   when a model's count reaches `min_new_records`, a training starts.
+2. `run_scheduled_trainings()`: on a fixed tick, starts each model whose
+   `training.schedule` is due and that has new records.
+3. `start_training(model, reason="manual")`: the operator CLI and route.
+
+Starting a training: check the lock, allocate a version (registry), take the
+training lock (conditional), write the dataset snapshot, record the version as
+TRAINING with its lineage, start the backend job, consume the counted records.
+A failure after the lock is taken records the version FAILED with the reason
+and releases the lock, so nothing stays stuck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import unquote_plus
+
+from chalicelib import layout
+from chalicelib.backends import (
+    TrainingBackend,
+    TrainingRequest,
+    backend_for,
+    make_job_name,
+    training_hyperparameters,
+)
+from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
+from chalicelib.settings import Settings
+from chalicelib.snapshot import count_records, has_raw_data, is_raw_data_key, write_snapshot
+from chalicelib.state import StateStore
+
+__all__ = [
+    "NoDataError",
+    "TrainingInProgressError",
+    "TrainingStart",
+    "TrainingStartError",
+    "Trigger",
+    "TriggerError",
+    "TriggerReport",
+    "UnknownModelError",
+    "handle_raw_events",
+    "run_scheduled_trainings",
+    "start_training",
+]
+
+log = logging.getLogger(__name__)
+
+# The schedule handler runs this often (app.py uses the same constant); a
+# model's `training.schedule` is honoured to within one tick.
+SCHEDULE_TICK_MINUTES = 15
+
+
+class TriggerError(Exception):
+    """Base class of trigger errors."""
+
+
+class TrainingInProgressError(TriggerError):
+    """A training of this model is already running (HTTP 409)."""
+
+    def __init__(self, model: str, version: int | None, job_name: str = "") -> None:
+        self.model, self.version, self.job_name = model, version, job_name
+        running = f"v{version} ({job_name})" if version else "another training"
+        super().__init__(f"{model}: {running} is still in progress")
+
+
+class NoDataError(TriggerError):
+    """Nothing to train on: no raw data, or no new records without force (HTTP 409)."""
+
+
+class TrainingStartError(TriggerError):
+    """The job did not start; the version is recorded FAILED and the lock released."""
+
+    def __init__(self, model: str, version: int, reason: str) -> None:
+        self.model, self.version, self.reason = model, version, reason
+        super().__init__(f"{model} v{version}: training did not start: {reason}")
+
+
+class ScheduleError(TriggerError):
+    """A `training.schedule` expression this trigger cannot evaluate."""
+
+
+@dataclass(frozen=True)
+class TrainingStart:
+    model: str
+    version: int
+    job_name: str
+    backend: str
+    reason: str
+    dataset_key: str
+    manifest_key: str
+    objects: int
+    records: int
+    new_records: int
+    champion_version: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TriggerReport:
+    """What one invocation did (logged; returned for tests and the local stack)."""
+
+    counted: list[dict[str, Any]] = field(default_factory=list)   # {key, model, records}
+    duplicates: list[str] = field(default_factory=list)           # event ids seen before
+    ignored: list[str] = field(default_factory=list)              # why, one line each
+    started: list[TrainingStart] = field(default_factory=list)
+    not_started: dict[str, str] = field(default_factory=dict)     # model -> why
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "counted": self.counted,
+            "duplicates": self.duplicates,
+            "ignored": self.ignored,
+            "started": [s.to_dict() for s in self.started],
+            "not_started": self.not_started,
+        }
+
+
+# ------------------------------------------------------------------ event parsing
+
+
+def iter_s3_records(event: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """S3 event records from an SQS event (body = S3 event, or SNS-wrapped) or a direct S3 event.
+
+    S3's `s3:TestEvent` (sent when a notification is configured) and bodies
+    that are not JSON are skipped with a log line: a bad message must not fail
+    the whole SQS batch.
+    """
+    for record in event.get("Records") or []:
+        if "body" in record:  # SQS
+            try:
+                body = json.loads(record["body"])
+            except (TypeError, json.JSONDecodeError):
+                log.warning("raw-events: skipping a non-JSON SQS message %s",
+                            record.get("messageId"))
+                continue
+            if isinstance(body, dict) and body.get("Type") == "Notification" and "Message" in body:
+                try:
+                    body = json.loads(body["Message"])  # S3 -> SNS -> SQS
+                except (TypeError, json.JSONDecodeError):
+                    continue
+            if not isinstance(body, dict) or body.get("Event") == "s3:TestEvent":
+                continue
+            yield from (r for r in body.get("Records") or [] if isinstance(r, dict))
+        elif record.get("eventSource") == "aws:s3" or "s3" in record:
+            yield record
+
+
+def s3_event_id(bucket: str, key: str) -> str:
+    """The idempotency id of an object-created event.
+
+    Bucket and (decoded) key only: a raw key names one ingest batch (its id
+    derives from the SQS message ids), so S3's redelivery of the event and an
+    ingest replay that rewrites the same object must both count once. The
+    sequencer would differ for the rewrite; the ETag would too (gzip stamps).
+    """
+    return f"s3://{bucket}/{key}"
+
+
+# ------------------------------------------------------------------ schedules
+
+
+_RATE = re.compile(r"^rate\((\d+) (minute|minutes|hour|hours|day|days)\)$")
+_UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+_MONTHS = {m: i + 1 for i, m in enumerate(
+    ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"])}
+_WEEKDAYS = {d: i + 1 for i, d in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])}
+
+
+def _cron_field_matches(spec: str, value: int, low: int, high: int,
+                        names: Mapping[str, int] | None = None) -> bool:
+    if spec in ("*", "?"):
+        return True
+    for part in spec.split(","):
+        step = 1
+        if "/" in part:
+            part, step_text = part.split("/", 1)
+            step = int(step_text)
+        if part == "*":
+            start, end = low, high
+        elif "-" in part:
+            a, b = part.split("-", 1)
+            start, end = _cron_value(a, names), _cron_value(b, names)
+        else:
+            start = _cron_value(part, names)
+            end = high if step > 1 or "/" in spec else start
+        if start <= value <= end and (value - start) % step == 0:
+            return True
+    return False
+
+
+def _cron_value(text: str, names: Mapping[str, int] | None) -> int:
+    if names and text.upper() in names:
+        return names[text.upper()]
+    if not text.isdigit():
+        raise ScheduleError(f"unsupported cron value {text!r} (L, W and # are not supported)")
+    return int(text)
+
+
+def cron_matches(expression: str, when: datetime) -> bool:
+    """Whether EventBridge's `cron(min hour day-of-month month day-of-week year)` fires at `when` (UTC)."""
+    fields = expression[len("cron("):-1].split()
+    if len(fields) != 6:
+        raise ScheduleError(f"{expression}: cron needs 6 fields")
+    minute, hour, dom, month, dow, year = fields
+    aws_weekday = (when.isoweekday() % 7) + 1  # SUN=1 .. SAT=7
+    return (_cron_field_matches(minute, when.minute, 0, 59)
+            and _cron_field_matches(hour, when.hour, 0, 23)
+            and _cron_field_matches(dom, when.day, 1, 31)
+            and _cron_field_matches(month, when.month, 1, 12, _MONTHS)
+            and _cron_field_matches(dow, aws_weekday, 1, 7, _WEEKDAYS)
+            and _cron_field_matches(year, when.year, 1970, 2199))
+
+
+def schedule_due(expression: str, now: float, last_started: float | None,
+                 tick_minutes: int = SCHEDULE_TICK_MINUTES) -> bool:
+    """Whether a model's `training.schedule` asks for a training at this tick.
+
+    `rate(N unit)`: N units (less half a tick, for tick jitter) since the last
+    training started, or never trained. `cron(...)`: a minute in the last tick
+    matches, and no training started within that tick.
+    """
+    tick = tick_minutes * 60
+    rate = _RATE.match(expression)
+    if rate:
+        period = int(rate[1]) * _UNIT_SECONDS[rate[2].rstrip("s")]
+        return last_started is None or now - last_started >= period - tick / 2
+    if expression.startswith("cron(") and expression.endswith(")"):
+        if last_started is not None and now - last_started < tick:
+            return False
+        end = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0)
+        return any(cron_matches(expression, end - timedelta(minutes=m))
+                   for m in range(tick_minutes))
+    raise ScheduleError(f"unsupported schedule expression {expression!r}")
+
+
+# ------------------------------------------------------------------ the trigger
+
+
+class Trigger:
+    """Starts trainings; every collaborator is injectable (tests, the local stack)."""
+
+    def __init__(self, *, clients: Any, settings: Settings, config: PipelineConfig,
+                 registry: Registry | None = None, state: StateStore | None = None,
+                 backend_factory: Callable[[str], TrainingBackend] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.clients = clients
+        self.settings = settings
+        self.config = config
+        self.registry = registry or Registry(settings.registry_table, clients.dynamodb)
+        self.state = state or StateStore(settings.state_table, clients.dynamodb, clock=clock)
+        self.backend_factory = backend_factory or (
+            lambda name: backend_for(name, clients, settings))
+        self.clock = clock
+
+    # -- S3 events
+
+    def handle_raw_events(self, event: Mapping[str, Any]) -> TriggerReport:
+        report = TriggerReport()
+        totals: dict[str, int] = {}
+        for record in iter_s3_records(event):
+            self._count_record(record, report, totals)
+        for model_name, total in sorted(totals.items()):
+            model = self.config.models[model_name]
+            if total < model.min_new_records:
+                report.not_started[model_name] = (
+                    f"{total} new records, {model.min_new_records} start a training")
+                continue
+            self._try_start(model_name, "new-data", report)
+        log.info("raw-events: %s", json.dumps(report.to_dict(), default=str))
+        return report
+
+    def _count_record(self, record: Mapping[str, Any], report: TriggerReport,
+                      totals: dict[str, int]) -> None:
+        name = str(record.get("eventName", ""))
+        s3 = record.get("s3") or {}
+        bucket = (s3.get("bucket") or {}).get("name", "")
+        key = unquote_plus((s3.get("object") or {}).get("key", ""))
+        if not name.startswith("ObjectCreated"):
+            report.ignored.append(f"{name or 'no eventName'}: {key}")
+            return
+        if bucket != self.settings.bucket:
+            report.ignored.append(f"bucket {bucket!r} is not the stage's: {key}")
+            return
+        model = layout.model_of_raw_key(key)
+        if not is_raw_data_key(key) or model is None:
+            report.ignored.append(f"not a raw data object: {key}")
+            return
+        if model not in self.config.models:
+            report.ignored.append(f"unknown model {model!r}: {key}")
+            return
+        try:
+            records = count_records(self.clients.s3, bucket, key)
+        except Exception as exc:
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                report.ignored.append(f"object is gone: {key}")
+                return
+            raise  # a transient S3 error: let SQS redeliver the batch (counting is idempotent)
+        event_id = s3_event_id(bucket, key)
+        total = self.state.count_event_records(event_id, model, records)
+        if total is None:
+            report.duplicates.append(event_id)
+            return
+        report.counted.append({"key": key, "model": model, "records": records})
+        totals[model] = total
+
+    def _try_start(self, model_name: str, reason: str, report: TriggerReport,
+                   *, force: bool = False) -> None:
+        try:
+            report.started.append(self.start_training(model_name, reason=reason, force=force))
+        except (TrainingInProgressError, NoDataError, TrainingStartError) as exc:
+            # Not raised: an SQS redelivery would not help, and the next event
+            # (or tick) retries with the records still counted.
+            report.not_started[model_name] = str(exc)
+
+    # -- schedule
+
+    def run_schedule(self) -> TriggerReport:
+        report = TriggerReport()
+        now = self.clock()
+        for name, model in sorted(self.config.models.items()):
+            expression = model.training.schedule
+            if not expression:
+                continue
+            try:
+                due = schedule_due(expression, now, self.state.last_training_started_at(name))
+            except ScheduleError as exc:
+                report.not_started[name] = str(exc)
+                continue
+            if not due:
+                report.not_started[name] = f"{expression} is not due"
+            elif self.state.new_records(name) <= 0:
+                report.not_started[name] = "no new records since the last training"
+            else:
+                self._try_start(name, "schedule", report)
+        log.info("schedule: %s", json.dumps(report.to_dict(), default=str))
+        return report
+
+    # -- starting one training
+
+    def start_training(self, model_name: str, *, reason: str = "manual",
+                       force: bool = False) -> TrainingStart:
+        """Start a training of `model_name` now.
+
+        Needs new records since the last training unless `force` (retrain on
+        the same data, e.g. after a code change). Raises UnknownModelError,
+        TrainingInProgressError, NoDataError or TrainingStartError.
+        """
+        model = self.config.model(model_name)
+        held = self.state.training_lock(model.name)
+        now = self.clock()
+        if held is not None and not held.is_stale(now):
+            raise TrainingInProgressError(model.name, held.version, held.job_name)
+        new_records = self.state.new_records(model.name)
+        if new_records <= 0 and not force:
+            raise NoDataError(f"{model.name}: no new records since the last training "
+                              "(force retrains on the same data)")
+        if not has_raw_data(self.clients.s3, self.settings.bucket, model.name):
+            raise NoDataError(f"{model.name}: no raw data under "
+                              f"s3://{self.settings.bucket}/{layout.raw_prefix(model.name)}")
+
+        version = self.registry.allocate_version(model.name)
+        job_name = make_job_name(model.name, version)
+        if not self.state.acquire_training_lock(
+                model.name, version, job_name,
+                max_runtime_seconds=model.training.max_runtime_seconds):
+            # Another caller won the race; this version number stays unused.
+            current = self.state.training_lock(model.name)
+            raise TrainingInProgressError(model.name, current.version if current else None,
+                                          current.job_name if current else "")
+        if held is not None:
+            self._fail_stale(held.model, held.version, held.job_name)
+        return self._start_locked(model, version, job_name, reason, new_records)
+
+    def _start_locked(self, model: ModelConfig, version: int, job_name: str, reason: str,
+                      new_records: int) -> TrainingStart:
+        hyperparameters = training_hyperparameters(model, version)
+        lineage: dict[str, Any] = {
+            "dataset_key": layout.dataset_key(model.name, version),
+            "train_manifest_key": layout.sagemaker_manifest_key(model.name, version),
+            "code_version": self.settings.code_version,
+            "hyperparameters": hyperparameters,
+            "backend": model.training.backend,
+            "job_name": job_name,
+            "trigger": reason,
+            "new_records": new_records,
+            "training": {
+                "instance_type": model.training.instance_type,
+                "gpu_count": model.training.gpu_count,
+                "max_runtime_seconds": model.training.max_runtime_seconds,
+            },
+        }
+        created = False
+        try:
+            snapshot = write_snapshot(self.clients.s3, self.settings.bucket, model.name, version)
+            if not snapshot.objects:
+                raise NoDataError(f"{model.name}: the raw data disappeared before the snapshot")
+            champion = self.registry.current_release(model.name)
+            champion_key = layout.champion_key(model.name, champion.version) if champion else None
+            if champion_key:
+                # Fail here with a clear reason rather than minutes later in the job.
+                self.clients.s3.head_object(Bucket=self.settings.bucket, Key=champion_key)
+            lineage["dataset"] = snapshot.summary()
+            lineage["champion_version"] = champion.version if champion else None
+            self.registry.create_training(model.name, version, lineage)
+            created = True
+            backend = self.backend_factory(model.training.backend)
+            backend.start(TrainingRequest(
+                model=model.name, version=version, job_name=job_name,
+                bucket=self.settings.bucket, stage=self.settings.stage,
+                training=model.training, hyperparameters=hyperparameters,
+                manifest_key=snapshot.manifest_key, champion_key=champion_key,
+            ))
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"[:1000]
+            self._record_start_failure(model.name, version, lineage, created, why)
+            raise TrainingStartError(model.name, version, why) from exc
+        remaining = self.state.consume_new_records(model.name, new_records, version=version)
+        start = TrainingStart(
+            model=model.name, version=version, job_name=job_name,
+            backend=model.training.backend, reason=reason,
+            dataset_key=snapshot.dataset_key, manifest_key=snapshot.manifest_key,
+            objects=len(snapshot.objects), records=snapshot.records, new_records=new_records,
+            champion_version=champion.version if champion else None,
+        )
+        log.info("training started: %s (%d new records stay counted)",
+                 json.dumps(start.to_dict()), remaining)
+        return start
+
+    def _record_start_failure(self, model: str, version: int, lineage: dict[str, Any],
+                              created: bool, why: str) -> None:
+        """FAILED with the reason, then the lock released; each step tried on its own."""
+        try:
+            if not created:
+                self.registry.create_training(model, version, lineage)
+            self.registry.transition(model, version, Status.FAILED, expected=[Status.TRAINING],
+                                     reason=f"training did not start: {why}", failure_reason=why)
+        except Exception:
+            log.exception("could not record %s v%d as FAILED", model, version)
+        try:
+            self.state.release_training_lock(model, version)
+        except Exception:
+            log.exception("could not release the training lock of %s v%d", model, version)
+
+    def _fail_stale(self, model: str, version: int, job_name: str) -> None:
+        """A lock past max runtime + margin was taken over: its version never reported back."""
+        why = (f"no completion event for job {job_name} within its max runtime and margin; "
+               "its training lock was taken over")
+        # TransitionError: it did finish; UnknownVersionError: it never got a record.
+        with contextlib.suppress(TransitionError, UnknownVersionError):
+            self.registry.transition(model, version, Status.FAILED, expected=[Status.TRAINING],
+                                     reason=why, failure_reason=why)
+
+
+# ------------------------------------------------------------------ entry points
+
+
+def handle_raw_events(event: Mapping[str, Any], *, clients: Any, settings: Settings,
+                      config: PipelineConfig, **deps: Any) -> TriggerReport:
+    """The raw-events queue handler (or a direct S3 event)."""
+    return Trigger(clients=clients, settings=settings, config=config, **deps) \
+        .handle_raw_events(event)
+
+
+def run_scheduled_trainings(*, clients: Any, settings: Settings, config: PipelineConfig,
+                            **deps: Any) -> TriggerReport:
+    """The schedule tick (every SCHEDULE_TICK_MINUTES)."""
+    return Trigger(clients=clients, settings=settings, config=config, **deps).run_schedule()
+
+
+def start_training(model_name: str, *, clients: Any, settings: Settings, config: PipelineConfig,
+                   reason: str = "manual", force: bool = False, **deps: Any) -> TrainingStart:
+    """Start a training now (operator CLI / route). See Trigger.start_training."""
+    return Trigger(clients=clients, settings=settings, config=config, **deps) \
+        .start_training(model_name, reason=reason, force=force)

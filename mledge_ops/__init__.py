@@ -1,0 +1,1 @@
+"""MLEdgeDeploy operator tooling: the `mledge` command (one module per command group)."""

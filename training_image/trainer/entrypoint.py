@@ -1,0 +1,220 @@
+"""The training container's entrypoint (SageMaker training-container contract).
+
+    train [train] [--base-dir DIR]          # console script
+    python -m trainer.entrypoint [--base-dir DIR]
+
+Reads `input/config/hyperparameters.json` and the `train` channel (and the
+`champion` channel when it holds `model.onnx`) under the base directory
+(`--base-dir`, else `$MLEDGE_TRAINING_BASE_DIR`, else /opt/ml), writes
+`model/model.onnx`, `model/metrics.json` and `model/golden.json`, and returns
+0. On failure it writes a one-line reason to `output/failure` and returns a
+non-zero code (see trainer.errors). SageMaker starts the image as
+`docker run IMAGE train`, hence the optional `train` argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer import onnx_export
+from trainer.data import Split, describe_skipped, load_dataset, split_dataset
+from trainer.errors import ChampionError, DataError, TrainingError
+from trainer.families import ModelFamily, get_family
+from trainer.families.base import FittedModel
+from trainer.hyperparameters import CommonParams, Hyperparameters
+from trainer.paths import BASE_DIR_ENV, DEFAULT_BASE_DIR, TrainingPaths
+
+MIN_USABLE_RECORDS = 10
+FAILURE_REASON_MAX_CHARS = 1000  # SageMaker shows the first 1024 characters as FailureReason
+INTERNAL_ERROR_EXIT = 70
+
+
+def log(message: str) -> None:
+    print(f"[trainer] {message}", flush=True)
+
+
+def score_champion(path: Path, family: ModelFamily, fitted: FittedModel, params: Any,
+                   common: CommonParams, holdout: Split) -> dict[str, float] | None:
+    """The champion ONNX's metrics on the challenger's holdout, or None without a champion."""
+    if not path.is_file():
+        return None
+    try:
+        sess = onnx_export.session(path.read_bytes())
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+        raise ChampionError(f"champion model.onnx cannot be loaded: {exc}") from None
+    onnx_export.check_conventions(sess, len(common.features), what="champion")
+    try:
+        outputs = onnx_export.run(sess, holdout.features)
+    except Exception as exc:
+        raise ChampionError(f"champion model.onnx failed on the holdout: {exc}") from None
+    return family.evaluate(fitted, params, common, holdout, *outputs)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _json_bytes(value: Any, *, indent: int | None = 2) -> bytes:
+    separators = (",", ":") if indent is None else None
+    return (json.dumps(value, indent=indent, separators=separators, allow_nan=False)
+            + "\n").encode()
+
+
+def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """One training run; returns the metrics it wrote. Raises TrainingError subclasses.
+
+    `timings`, when given, receives seconds per phase (load, split, fit, export,
+    evaluate, write): bench/train.py reads them; metrics.json keeps to the contract.
+    """
+    phase = _Phases(timings)
+    hp = Hyperparameters.load(paths.hyperparameters_file)
+    family = get_family(hp.string("family"))
+    common = CommonParams.parse(hp, family.name, family.metrics)
+    params = family.parse_params(hp, common)
+    hp.check_all_read(family.name)
+    log(f"model {common.model_name} v{common.model_version}, family {family.name}, "
+        f"{len(common.features)} features, params {params}")
+
+    phase.start()
+    data = load_dataset(paths.train_channel, len(common.features),
+                        with_labels=family.needs_labels)
+    log(f"loaded {len(data)} usable records from {data.files} files in "
+        f"{phase.end('load'):.2f}s; skipped {data.skipped} "
+        f"({describe_skipped(data.skipped_reasons)})")
+    if len(data) < MIN_USABLE_RECORDS:
+        raise DataError(
+            f"too little data: {len(data)} usable records (need at least {MIN_USABLE_RECORDS}); "
+            f"skipped {data.skipped}: {describe_skipped(data.skipped_reasons)}")
+    train_split, holdout = split_dataset(data, common.holdout_percent)
+    phase.end("split")
+    family.check_data(params, train_split, holdout)
+
+    fitted = family.fit(params, common, train_split)
+    log(f"fitted on {len(train_split)} records in {phase.end('fit'):.2f}s: {fitted.details}")
+
+    model_bytes = onnx_export.finalize(
+        family.to_onnx(fitted, common, onnx_export.TARGET_OPSET), common, fitted.metadata)
+    sess = onnx_export.session(model_bytes)
+    onnx_export.check_conventions(sess, len(common.features), what="challenger")
+    phase.end("export")
+    exported = onnx_export.run(sess, holdout.features)
+    parity = onnx_export.parity(family.library_outputs(fitted, holdout.features), exported)
+    challenger = family.evaluate(fitted, params, common, holdout, *exported)
+    champion = score_champion(paths.champion_model, family, fitted, params, common, holdout)
+    log(f"challenger {challenger}, champion {champion}, parity {parity} "
+        f"(evaluated in {phase.end('evaluate'):.2f}s)")
+
+    metrics: dict[str, Any] = {
+        "family": family.name,
+        "metric": common.metric,
+        "challenger": challenger,
+        "champion": champion,
+        "parity": parity.to_dict(),
+        "data": {
+            "records": len(data),
+            "train": len(train_split),
+            "holdout": len(holdout),
+            "files": data.files,
+            "skipped_records": data.skipped,
+        },
+        "model": fitted.details,
+        "onnx": onnx_export.describe(model_bytes),
+    }
+    golden = onnx_export.golden(holdout.features, exported)
+    paths.model_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(paths.model_file, model_bytes)
+    _write_atomically(paths.golden_file, _json_bytes(golden, indent=None))
+    _write_atomically(paths.metrics_file, _json_bytes(_plain(metrics)))
+    phase.end("write")
+    log(f"wrote {paths.model_dir} ({len(model_bytes)} bytes of ONNX); {phase.total():.2f}s total")
+    return metrics
+
+
+class _Phases:
+    """Seconds per phase, each measured from the end of the previous one."""
+
+    def __init__(self, sink: dict[str, float] | None) -> None:
+        self.sink = sink if sink is not None else {}
+        self.started = self.mark = time.perf_counter()
+
+    def start(self) -> None:
+        self.mark = time.perf_counter()
+
+    def end(self, name: str) -> float:
+        now = time.perf_counter()
+        self.sink[name] = now - self.mark
+        self.mark = now
+        return self.sink[name]
+
+    def total(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: numpy scalars to Python numbers, non-finite floats to None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def write_failure(paths: TrainingPaths, reason: str) -> None:
+    one_line = " ".join(reason.split())[:FAILURE_REASON_MAX_CHARS]
+    try:
+        paths.output_dir.mkdir(parents=True, exist_ok=True)
+        paths.failure_file.write_text(one_line + "\n", encoding="utf-8")
+    except OSError as exc:
+        print(f"[trainer] cannot write {paths.failure_file}: {exc}", file=sys.stderr)
+    print(f"[trainer] FAILED: {one_line}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train", description="MLEdgeDeploy training container entrypoint")
+    parser.add_argument("command", nargs="?", choices=["train"], default="train",
+                        help="SageMaker starts training containers with the argument 'train'")
+    parser.add_argument("--base-dir", default=None,
+                        help=f"SageMaker directory layout root (default ${BASE_DIR_ENV} "
+                             f"or {DEFAULT_BASE_DIR})")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = TrainingPaths.resolve(args.base_dir)
+    # A failure file left by an earlier run in the same directory must not outlive this one.
+    paths.failure_file.unlink(missing_ok=True)
+    try:
+        train(paths)
+    except TrainingError as exc:
+        write_failure(paths, str(exc))
+        return exc.exit_code
+    except MemoryError:
+        write_failure(paths, "out of memory: use a larger instance or fewer records")
+        return INTERNAL_ERROR_EXIT
+    except Exception as exc:
+        traceback.print_exc()
+        write_failure(paths, f"internal error: {type(exc).__name__}: {exc}")
+        return INTERNAL_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
