@@ -32,6 +32,7 @@ demo: env system-deps
 bench: env
 	$(PY) bench/ingest.py
 	$(PY) bench/delta.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) demo-output .devstack .pytest_cache .ruff_cache

@@ -7,7 +7,7 @@ import os
 from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, SQSEvent
 
-from chalicelib import completion, ingest, operator_api, trigger
+from chalicelib import completion, ingest, operator_api, packaging, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -109,3 +109,15 @@ def http_rollback(model: str) -> dict:
     request = app.current_request
     return operator_api.rollback(_operator(), model, request.json_body,
                                  operator_api.actor_of(request.context))
+
+
+# --- packaging: ModelApproved -> release + IoT Job (chalicelib/packaging.py) ----------
+
+EVENT_SOURCE = os.environ.get("MLEDGE_EVENT_SOURCE", "mledge.pipeline")
+
+
+@app.on_cw_event({"source": [EVENT_SOURCE], "detail-type": ["ModelApproved"]})
+def release_approved_model(event: CloudWatchEvent) -> dict:
+    rt = get_runtime()
+    return packaging.handle_model_approved(event.detail, clients=rt.clients,
+                                           settings=rt.settings, config=rt.config).to_dict()

@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 from chalice.test import Client
 
-from chalicelib.completion import identify_job, parse_batch_event
-from chalicelib.registry import Status
+from chalicelib.completion import (
+    CompletionHandler,
+    identify_job,
+    parse_batch_event,
+    parse_sagemaker_event,
+)
+from chalicelib.registry import Registry, Status, VersionRecord
 from tests.registry_support import (
     ONNX_BYTES,
     approved_events_queue,
@@ -173,6 +178,41 @@ def test_duplicate_completion_event_does_nothing(client, aws, settings, registry
     assert after.history == before.history
     assert len(received_details(aws, approved_queue)) == 1
     assert state_store.training_lock(VIB).version == next_version
+
+
+class _StaleFirstRead(Registry):
+    """A registry whose first get() returns what it read before the other handler wrote."""
+
+    def __init__(self, registry: Registry, stale: VersionRecord) -> None:
+        super().__init__(registry.table, registry.dynamodb)
+        self.stale: VersionRecord | None = stale
+
+    def get(self, model: str, version: int) -> VersionRecord:
+        if self.stale is not None:
+            record, self.stale = self.stale, None
+            return record
+        return super().get(model, version)
+
+
+def test_two_handlers_racing_on_one_completion_record_and_announce_once(
+        aws, settings, pipeline_config, registry, state_store, approved_queue):
+    version, name = start_version(registry, state_store, VIB)
+    artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.52))
+    event = {"detail": sagemaker_event_detail(name, "Completed", artifact=artifact)}
+    change = parse_sagemaker_event(event, set(pipeline_config.models))
+    seen_by_both = registry.get(VIB, version)  # both deliveries read TRAINING
+
+    def handler(reg: Registry) -> CompletionHandler:
+        return CompletionHandler(registry=reg, state=state_store, s3=aws.s3, events=aws.events,
+                                 settings=settings, config=pipeline_config)
+
+    first = handler(registry).handle(change)
+    second = handler(_StaleFirstRead(registry, seen_by_both)).handle(change)
+    assert (first.outcome, second.outcome) == ("approved", "duplicate")
+    record = registry.get(VIB, version)
+    assert record.status is Status.APPROVED
+    assert [h["to"] for h in record.history] == ["TRAINING", "APPROVED"]
+    assert len(received_details(aws, approved_queue)) == 1
 
 
 def test_a_failure_event_after_approval_does_not_undo_it(client, aws, settings, registry, state_store):

@@ -18,6 +18,7 @@ import pytest
 from moto import mock_aws
 
 from chalicelib.tables import registry_table_definition, state_table_definition
+from mledge_ops.common import device_policy_name
 from tests.infra_support import (
     ACCOUNT,
     MOTO_UNSUPPORTED_TYPES,
@@ -119,7 +120,7 @@ def test_roles_device_policy_repository_and_batch_exist(deployed) -> None:
     pipeline, training = deployed["mledge-dev-pipeline"], deployed["mledge-dev-training"]
     for arn in (pipeline["IotPresignRoleArn"], training["TrainingRoleArn"]):
         iam.get_role(RoleName=arn.rsplit("/", 1)[1])
-    document = client("iot").get_policy(policyName="mledge-dev-device")["policyDocument"]
+    document = client("iot").get_policy(policyName=device_policy_name("dev"))["policyDocument"]
     assert "${iot:Connection.Thing.ThingName}" in document
     repositories = client("ecr").describe_repositories(repositoryNames=["mledge-dev-training"])
     assert training["TrainingImageUri"] == repositories["repositories"][0]["repositoryUri"] + ":latest"
@@ -137,4 +138,4 @@ def test_roles_device_policy_repository_and_batch_exist(deployed) -> None:
     # moto keeps the Number parameter as an int; AWS returns strings
     requirements = {r["type"]: str(r["value"]) for r in container["resourceRequirements"]}
     assert requirements == {"GPU": "1", "VCPU": "4", "MEMORY": "14336"}
-    assert container["command"][:3] == ["python", "-m", "trainer.entrypoint"]
+    assert container["command"][:3] == ["python", "-m", "trainer_batch.launcher"]

@@ -16,9 +16,10 @@ import pytest
 from moto import mock_aws
 
 from mledge_ops.cli import main
+from mledge_ops.common import device_policy_name
 from mledge_ops.stack_config import OUTPUT_FOR_VARIABLE
 from tests.conftest import REPO, subprocess_env
-from tests.infra_support import deploy_stacks
+from tests.infra_support import PIPELINE_TEMPLATE, deploy_stacks, load_template
 
 REGION = "us-east-1"
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS")
@@ -128,12 +129,16 @@ def test_console_entry_point_runs_the_dispatcher():
 
 @pytest.fixture
 def iot(moto):
-    """moto with the pipeline stack's IoT policy and the thing groups it would create.
+    """moto with what infra/pipeline.yaml makes for devices: the policy and the thing groups.
 
-    moto's CloudFormation skips AWS::IoT::ThingGroup, so the groups are made here.
+    (test_infra_deploy.py checks the stack creates the policy under this name;
+    moto's CloudFormation skips AWS::IoT::ThingGroup.)
     """
-    deploy_stacks("dev", training=False)
     client = boto3.client("iot", region_name=REGION)
+    document = load_template(PIPELINE_TEMPLATE)["Resources"]["DevicePolicy"]["Properties"][
+        "PolicyDocument"
+    ]
+    client.create_policy(policyName=device_policy_name("dev"), policyDocument=json.dumps(document))
     for group in ("mledge-vibration", "mledge-digits"):
         client.create_thing_group(thingGroupName=group)
     return client

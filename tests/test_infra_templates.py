@@ -252,7 +252,7 @@ def test_batch_job_definition_runs_the_image_on_a_gpu(training) -> None:
     assert "TrainingRepository.RepositoryUri" in sub_text(container["Image"])
     assert container["JobRoleArn"] == {"Fn::GetAtt": ["TrainingRole", "Arn"]}
     assert {r["Type"] for r in container["ResourceRequirements"]} == {"GPU", "VCPU", "MEMORY"}
-    assert container["Command"][:3] == ["python", "-m", "trainer.entrypoint"]
+    assert container["Command"][:3] == ["python", "-m", "trainer_batch.launcher"]
     assert {"Name": "MLEDGE_TRAINING_BASE_DIR", "Value": "/opt/ml"} in container["Environment"]
     queue = resources["GpuJobQueue"]["Properties"]
     assert queue["ComputeEnvironmentOrder"][0]["ComputeEnvironment"] == {

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from threadpoolctl import threadpool_limits
 from trainer import synthetic
 from trainer.data import holdout_bucket, holdout_mask
 from trainer.entrypoint import main
@@ -22,6 +23,14 @@ from trainer.onnx_export import PARITY_MAX_ABS_DIFF, TARGET_OPSET
 from tests.conftest import subprocess_env
 
 METRICS_KEYS = {"family", "metric", "challenger", "champion", "parity", "data", "model", "onnx"}
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_library():
+    """The shared 2-core test box is oversubscribed; OpenMP/BLAS spin-waiting there makes
+    k-means many times slower with 2 threads than with 1. Results do not depend on it."""
+    with threadpool_limits(limits=1):
+        yield
+
 
 
 def make_run(base: Path, records: list[dict[str, Any]], hyperparameters: dict[str, Any],
@@ -279,7 +288,8 @@ def test_entrypoint_as_a_subprocess(tmp_path: Path, vibration_records):
                     synthetic.kmeans_hyperparameters(k_min="2", k_max="4"))
     done = subprocess.run([sys.executable, "-m", "trainer.entrypoint", "train",
                            "--base-dir", str(base)],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "[trainer] wrote" in done.stdout
     for name in ("model.onnx", "metrics.json", "golden.json"):
@@ -290,7 +300,7 @@ def test_subprocess_base_dir_from_environment_and_failure(tmp_path: Path):
     base = tmp_path / "bad"
     synthetic.write_hyperparameters(base, synthetic.kmeans_hyperparameters(family="forest"))
     done = subprocess.run([sys.executable, "-m", "trainer.entrypoint"],
-                          env=subprocess_env(MLEDGE_TRAINING_BASE_DIR=str(base)),
+                          env=subprocess_env(MLEDGE_TRAINING_BASE_DIR=str(base), OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3
     reason = (base / "output" / "failure").read_text()

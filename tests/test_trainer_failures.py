@@ -8,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from threadpoolctl import threadpool_limits
 from trainer import synthetic
 from trainer.entrypoint import main
 from trainer.families import family_names, get_family
 
 EXIT_HYPERPARAMETERS, EXIT_DATA, EXIT_CHAMPION = 3, 4, 5
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_library():
+    """The shared 2-core test box is oversubscribed; OpenMP/BLAS spin-waiting there makes
+    k-means many times slower with 2 threads than with 1. Results do not depend on it."""
+    with threadpool_limits(limits=1):
+        yield
+
 
 
 def setup(base: Path, hyperparameters: dict[str, Any],
@@ -170,6 +179,14 @@ def test_success_clears_an_old_failure_file(tmp_path: Path, vibration):
     (base / "output" / "failure").write_text("an earlier run failed\n")
     assert main(["--base-dir", str(base)]) == 0
     assert not (base / "output" / "failure").exists()
+
+
+def test_failure_removes_outputs_of_an_earlier_run(tmp_path: Path, vibration):
+    base = setup(tmp_path, synthetic.kmeans_hyperparameters(k_max="3"), vibration)
+    assert main(["--base-dir", str(base)]) == 0
+    synthetic.write_hyperparameters(base, synthetic.kmeans_hyperparameters(k_max="three"))
+    fails(base, EXIT_HYPERPARAMETERS, "'k_max'")
+    assert not list((base / "model").iterdir())
 
 
 def test_unexpected_error_is_reported_as_internal(tmp_path: Path, vibration, monkeypatch):

@@ -199,8 +199,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     paths = TrainingPaths.resolve(args.base_dir)
-    # A failure file left by an earlier run in the same directory must not outlive this one.
-    paths.failure_file.unlink(missing_ok=True)
+    # Outputs left by an earlier run in the same directory must not outlive this one:
+    # a failed run must not leave a model that looks trained.
+    for stale in (paths.failure_file, paths.model_file, paths.metrics_file, paths.golden_file):
+        stale.unlink(missing_ok=True)
     try:
         train(paths)
     except TrainingError as exc:

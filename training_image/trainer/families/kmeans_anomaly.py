@@ -96,7 +96,7 @@ class KMeansAnomalyFamily(ModelFamily):
                                        exclusive=True),
             k_tolerance=hp.number("k_tolerance", 0.02, minimum=0.0, maximum=2.0),
             selection_rows=hp.integer("selection_rows", 20_000, minimum=100, maximum=10_000_000),
-            silhouette_rows=hp.integer("silhouette_rows", 5_000, minimum=100, maximum=100_000),
+            silhouette_rows=hp.integer("silhouette_rows", 2_000, minimum=100, maximum=100_000),
             n_init=hp.integer("n_init", 3, minimum=1, maximum=100),
             max_iter=hp.integer("max_iter", 300, minimum=1, maximum=100_000),
         )

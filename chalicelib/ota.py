@@ -1,0 +1,130 @@
+"""AWS IoT Jobs for releases: one job per release, targeting the model's thing group.
+
+The job id is deterministic (`mledge-<model>-v<version>`, or
+`...-rollback-from-v<n>` for a rollback), so a repeated `ModelApproved` event finds
+the job it already created instead of creating a second one. Rollout (exponential
+rate), abort (failure percentage after a minimum of executed things), timeout and
+retries come from the model's config (REFERENCES.md: IoT Jobs limits).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.config import ModelConfig
+
+PRESIGNED_URL_EXPIRY_SECONDS = 3600
+# Network trouble is worth retrying; REJECTED means the device cannot take this
+# release at all, so it is never retried.
+RETRIES = [
+    {"failureType": "FAILED", "numberOfRetries": 2},
+    {"failureType": "TIMED_OUT", "numberOfRetries": 1},
+]
+
+
+class OtaError(Exception):
+    """The IoT Job for a release could not be created."""
+
+
+def job_id_for(model: str, version: int, *, rollback_from: int | None = None) -> str:
+    job_id = f"mledge-{model}-v{version:05d}"
+    if rollback_from is not None:
+        job_id += f"-rollback-from-v{rollback_from:05d}"
+    return job_id[:64]
+
+
+def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelConfig,
+                target_arn: str, presign_role_arn: str, stage: str,
+                version: int) -> dict[str, Any]:
+    """The `CreateJob` request for one release (a pure function: easy to test and read)."""
+    rollout, abort = model_config.rollout, model_config.abort
+    return {
+        "jobId": job_id,
+        "targets": [target_arn],
+        "document": json.dumps(document, separators=(",", ":")),
+        "description": f"MLEdgeDeploy {model_config.name} v{version}"
+                       + (" (rollback)" if document.get("rollback") else ""),
+        # CONTINUOUS: a device added to the group later still gets the release.
+        "targetSelection": "CONTINUOUS",
+        "presignedUrlConfig": {"roleArn": presign_role_arn,
+                               "expiresInSec": PRESIGNED_URL_EXPIRY_SECONDS},
+        "jobExecutionsRolloutConfig": {
+            "exponentialRate": {
+                "baseRatePerMinute": rollout.base_rate_per_minute,
+                "incrementFactor": rollout.increment_factor,
+                "rateIncreaseCriteria": {
+                    "numberOfSucceededThings": rollout.rate_increase_after_succeeded,
+                },
+            },
+        },
+        "abortConfig": {"criteriaList": [{
+            "failureType": "FAILED",
+            "action": "CANCEL",
+            "thresholdPercentage": abort.failure_percent,
+            "minNumberOfExecutedThings": abort.min_executed_things,
+        }]},
+        "timeoutConfig": {"inProgressTimeoutInMinutes": model_config.timeout.in_progress_minutes},
+        "jobExecutionsRetryConfig": {"criteriaList": RETRIES},
+        "tags": [
+            {"Key": "mledge:model", "Value": model_config.name},
+            {"Key": "mledge:version", "Value": str(version)},
+            {"Key": "mledge:stage", "Value": stage},
+        ],
+    }
+
+
+def thing_group_arn(iot: Any, group: str) -> str:
+    try:
+        return iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "ResourceNotFoundException":
+            raise OtaError(f"thing group {group!r} does not exist (create it with infra/ "
+                           "or the local stack)") from None
+        raise
+
+
+def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
+                      model_config: ModelConfig, presign_role_arn: str, stage: str,
+                      version: int) -> bool:
+    """Create the release's job unless it exists; True when created now."""
+    try:
+        iot.describe_job(jobId=job_id)
+        return False
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+    if not presign_role_arn:
+        raise OtaError("MLEDGE_IOT_PRESIGN_ROLE_ARN is not set: IoT Jobs needs a role to "
+                       "presign the download URLs")
+    request = job_request(
+        job_id=job_id, document=document, model_config=model_config,
+        target_arn=thing_group_arn(iot, model_config.thing_group),
+        presign_role_arn=presign_role_arn, stage=stage, version=version,
+    )
+    try:
+        iot.create_job(**request)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "ResourceAlreadyExistsException":
+            return False
+        raise OtaError(f"CreateJob {job_id} failed: {code or exc}") from None
+    return True
+
+
+def cancel_queued(iot: Any, job_id: str, comment: str) -> bool:
+    """Cancel a replaced release's job: its QUEUED executions stop (force=False leaves
+    executions already IN_PROGRESS to finish, as IoT Jobs does). False if it was done."""
+    try:
+        iot.cancel_job(jobId=job_id, reasonCode="SUPERSEDED", comment=comment[:2028],
+                       force=False)
+        return True
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("ResourceNotFoundException", "InvalidStateTransitionException",
+                    "InvalidRequestException"):
+            return False
+        raise

@@ -1,0 +1,429 @@
+"""Packaging: turn an approved model into a release and start the fleet's update.
+
+On `ModelApproved` (DESIGN.md steps 6-7):
+1. take `model.onnx` and `golden.json` out of the training artifact (`model.tar.gz`);
+2. upload the model (raw, the next training's champion and the base of later deltas)
+   and the full artifact (zstd) under `releases/<model>/v<version>/`;
+3. for each of the last K released versions build a delta per codec, verify it by
+   applying it and comparing SHA-256, and drop it unless smaller than the full
+   artifact (bsdiff4 is always offered when it wins, so devices that know only the
+   baseline still get a delta; a newer codec is offered beside it when smaller);
+4. write the manifest, create one IoT Job for the model's thing group (ota.py), mark
+   the version RELEASED (the previous one SUPERSEDED, or ROLLED_BACK for a rollback),
+   and cancel the queued executions of the replaced release's job.
+
+Idempotent: a version that is already released is left alone, the job id is
+deterministic, and every upload writes the same bytes to the same key. A corrupt or
+missing artifact is recorded on the version (history) and nothing is released.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from aws_lambda_powertools import Logger
+from botocore.exceptions import ClientError
+from mledge_update.codecs import (
+    SUPPORTED_CODECS,
+    apply_delta,
+    encode_full,
+    make_delta,
+)
+from mledge_update.document import (
+    Delta,
+    FullModel,
+    UpdateJob,
+    build_manifest,
+    fit_job_document,
+    job_from_manifest,
+    presigned_url_placeholder,
+    smoke_from_golden,
+)
+from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFormatError
+from mledge_update.hashing import sha256_hex
+
+from chalicelib import layout, ota
+from chalicelib.aws import AwsClients
+from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.registry import (
+    AlreadyReleasedError,
+    Registry,
+    Status,
+    TransitionError,
+    UnknownVersionError,
+    VersionRecord,
+    now_iso,
+)
+from chalicelib.settings import Settings
+
+logger = Logger(child=True)
+
+BASELINE_CODEC = "bsdiff4"
+FULL_ENCODING = "zstd"
+# The training artifact is small (a model plus two JSON files); refuse anything that
+# would make the Lambda read gigabytes into memory.
+MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+class PackagingError(Exception):
+    """The release could not be built; the reason is recorded on the version."""
+
+
+class ArtifactError(PackagingError):
+    """The training artifact is missing, corrupt or incomplete."""
+
+
+@dataclass(frozen=True)
+class ModelApproved:
+    """The detail of a `ModelApproved` event."""
+
+    model: str
+    version: int
+    artifact: str | None = None
+    manual: bool = False
+    rollback: bool = False
+
+    @classmethod
+    def from_detail(cls, detail: dict[str, Any]) -> ModelApproved:
+        try:
+            model = str(detail["model"])
+            version = int(detail["version"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackagingError(f"ModelApproved detail needs model and version: {exc}") from None
+        return cls(
+            model=model,
+            version=version,
+            artifact=detail.get("artifact") or None,
+            manual=bool(detail.get("manual", False)),
+            rollback=bool(detail.get("rollback", False)),
+        )
+
+
+@dataclass
+class ReleaseResult:
+    model: str
+    version: int
+    outcome: str  # released | skipped | failed
+    reason: str = ""
+    job_id: str | None = None
+    manifest_key: str | None = None
+    model_size: int = 0
+    full_size: int = 0
+    deltas: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "version": self.version, "outcome": self.outcome,
+            "reason": self.reason, "job_id": self.job_id, "manifest_key": self.manifest_key,
+            "model_size": self.model_size, "full_size": self.full_size, "deltas": self.deltas,
+        }
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    onnx: bytes
+    golden: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def handle_model_approved(
+    detail: dict[str, Any],
+    *,
+    clients: AwsClients,
+    settings: Settings,
+    config: PipelineConfig,
+) -> ReleaseResult:
+    """Release the approved version named in a `ModelApproved` event's detail."""
+    event = ModelApproved.from_detail(detail)
+    registry = Registry(settings.registry_table, clients.dynamodb)
+    try:
+        model_config = config.model(event.model)
+        record = registry.get(event.model, event.version)
+    except (UnknownModelError, UnknownVersionError) as exc:
+        logger.warning("ModelApproved for something we do not know", extra={"error": str(exc)})
+        return ReleaseResult(event.model, event.version, "skipped", str(exc))
+
+    skip = _why_not_releasable(event, record, registry)
+    if skip:
+        logger.info("not releasing", extra={"model": event.model, "version": event.version,
+                                            "reason": skip})
+        return ReleaseResult(event.model, event.version, "skipped", skip)
+
+    try:
+        return _release(event, record, model_config, registry, clients, settings)
+    except PackagingError as exc:
+        reason = f"release failed: {exc}"
+        logger.error(reason, extra={"model": event.model, "version": event.version})
+        registry.note(event.model, event.version, reason)
+        return ReleaseResult(event.model, event.version, "failed", reason)
+
+
+def _why_not_releasable(event: ModelApproved, record: VersionRecord,
+                        registry: Registry) -> str | None:
+    current = registry.released_version(event.model)
+    if current == event.version:
+        return f"v{event.version} is already the current release"
+    if event.rollback:
+        if record.status not in (Status.SUPERSEDED, Status.ROLLED_BACK):
+            return (f"v{event.version} is {record.status}: a rollback goes to a version that "
+                    "was released before")
+        return None
+    if record.status is not Status.APPROVED:
+        return f"v{event.version} is {record.status}, not APPROVED"
+    return None
+
+
+def _release(event: ModelApproved, record: VersionRecord, model_config: ModelConfig,
+             registry: Registry, clients: AwsClients, settings: Settings) -> ReleaseResult:
+    started = time.monotonic()
+    s3 = clients.s3
+    bucket = settings.bucket
+    model, version = event.model, event.version
+    prefix = layout.release_prefix(model, version)
+
+    if event.rollback:
+        files = _load_released_files(s3, bucket, model, version)
+    else:
+        artifact = event.artifact or record.artifact
+        if not artifact:
+            raise ArtifactError(f"no training artifact is recorded for v{version}")
+        files = read_training_artifact(s3, artifact, default_bucket=bucket)
+
+    model_sha = sha256_hex(files.onnx)
+    try:
+        smoke = smoke_from_golden(files.golden)
+    except UpdateFormatError as exc:
+        raise ArtifactError(f"golden.json is not a valid smoke test: {exc}") from None
+
+    full_blob = encode_full(FULL_ENCODING, files.onnx)
+    full = FullModel(encoding=FULL_ENCODING, size=len(full_blob), sha256=sha256_hex(full_blob),
+                     key=f"{prefix}model.onnx.{FULL_ENCODING}")
+    if not event.rollback:
+        _put(s3, bucket, layout.champion_key(model, version), files.onnx,
+             {"sha256": model_sha})
+        _put(s3, bucket, f"{prefix}golden.json", json.dumps(files.golden).encode())
+        _put(s3, bucket, f"{prefix}metrics.json", json.dumps(files.metrics).encode())
+    _put(s3, bucket, full.key or "", full_blob, {"sha256": full.sha256})
+
+    bases = [r for r in registry.release_history(model, model_config.delta_history + 1)
+             if r.version != version][: model_config.delta_history]
+    deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases)
+
+    job = UpdateJob(
+        model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
+        full=full, smoke=smoke, schema=model_config.schema.to_document(),
+        deltas=tuple(deltas), uplink=model_config.uplink.to_document(),
+        rollback=event.rollback,
+    )
+    manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
+    job_id = ota.job_id_for(model, version, rollback_from=registry.released_version(model)
+                            if event.rollback else None)
+    manifest_key = (f"{prefix}manifest.json" if not event.rollback
+                    else f"{prefix}rollback-{job_id}.json")
+    _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
+
+    with_urls = job_from_manifest(
+        manifest, lambda key: presigned_url_placeholder(settings.region, bucket, key))
+    try:
+        document = fit_job_document(with_urls)
+    except JobDocumentTooLargeError as exc:
+        raise PackagingError(str(exc)) from None
+    kept = {(d["from_version"], d["codec"]) for d in document.get("deltas", [])}
+    dropped = [d for d in deltas if (d.from_version, d.codec) not in kept]
+    if dropped:
+        logger.warning("job document too large: oldest deltas dropped",
+                       extra={"dropped": [(d.from_version, d.codec) for d in dropped]})
+
+    previous = registry.current_release(model)
+    try:
+        ota.ensure_update_job(
+            clients.iot, job_id=job_id, document=document, model_config=model_config,
+            presign_role_arn=settings.iot_presign_role_arn, stage=settings.stage,
+            version=version,
+        )
+    except ota.OtaError as exc:
+        raise PackagingError(str(exc)) from None
+
+    release_info = {
+        "job_id": job_id,
+        "manifest_key": manifest_key,
+        "model_sha256": model_sha,
+        "model_size": len(files.onnx),
+        "full_size": full.size,
+        "deltas": [{"from_version": d.from_version, "codec": d.codec, "size": d.size}
+                   for d in deltas if (d.from_version, d.codec) in kept],
+        "rollback": event.rollback,
+        "manual": event.manual,
+        "packaging_seconds": round(time.monotonic() - started, 3),
+    }
+    try:
+        registry.mark_released(model, version, release_info)
+    except AlreadyReleasedError:
+        pass
+    except TransitionError as exc:
+        raise PackagingError(f"registry refused the release: {exc}") from None
+
+    if previous is not None and previous.version != version:
+        old_job = (previous.release or {}).get("job_id")
+        if old_job and old_job != job_id:
+            ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
+
+    logger.info("released", extra=release_info)
+    return ReleaseResult(model, version, "released", job_id=job_id, manifest_key=manifest_key,
+                         model_size=len(files.onnx), full_size=full.size,
+                         deltas=release_info["deltas"])
+
+
+def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, full_size: int,
+                  bases: list[VersionRecord]) -> list[Delta]:
+    """Verified deltas from each base that beat the full artifact.
+
+    Per base: the bsdiff4 delta when it beats the full artifact, plus the smallest
+    delta of any other codec when it beats both (devices choose the smallest they know).
+    """
+    deltas: list[Delta] = []
+    for base in bases:
+        base_sha = (base.release or {}).get("model_sha256")
+        try:
+            old = _get(s3, bucket, layout.champion_key(base.model, base.version))
+        except ArtifactError as exc:
+            logger.warning("delta base unavailable", extra={"base": base.version,
+                                                            "error": str(exc)})
+            continue
+        if base_sha and sha256_hex(old) != base_sha:
+            logger.warning("delta base changed since its release; skipped",
+                           extra={"base": base.version})
+            continue
+        base_sha = sha256_hex(old)
+        built: dict[str, bytes] = {}
+        for codec in SUPPORTED_CODECS:
+            blob = make_delta(codec, old, new)
+            try:
+                apply_delta(codec, old, blob, expected_sha256=new_sha)
+            except PatchError as exc:
+                logger.error("delta failed verification; dropped",
+                             extra={"base": base.version, "codec": codec, "error": str(exc)})
+                continue
+            if len(blob) < full_size:
+                built[codec] = blob
+        chosen: list[str] = []
+        if BASELINE_CODEC in built:
+            chosen.append(BASELINE_CODEC)
+        others = sorted((c for c in built if c != BASELINE_CODEC), key=lambda c: len(built[c]))
+        if others and (not chosen or len(built[others[0]]) < len(built[BASELINE_CODEC])):
+            chosen.append(others[0])
+        for codec in chosen:
+            blob = built[codec]
+            key = f"{prefix}deltas/from-v{base.version:05d}.{codec}"
+            sha = sha256_hex(blob)
+            _put(s3, bucket, key, blob, {"sha256": sha})
+            deltas.append(Delta(from_version=base.version, from_sha256=base_sha, codec=codec,
+                                size=len(blob), sha256=sha, key=key))
+    return deltas
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def parse_s3_uri(uri: str, default_bucket: str) -> tuple[str, str]:
+    if uri.startswith("s3://"):
+        parsed = urlparse(uri)
+        return parsed.netloc, parsed.path.lstrip("/")
+    return default_bucket, uri.lstrip("/")
+
+
+def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFiles:
+    """`model.onnx`, `golden.json` and `metrics.json` from a training artifact.
+
+    SageMaker (and our Batch and local backends) write `model.tar.gz`; a bare
+    `model.onnx` key is accepted too, with `golden.json` beside it.
+    """
+    bucket, key = parse_s3_uri(uri, default_bucket)
+    blob = _get(s3, bucket, key)
+    if key.endswith(".onnx"):
+        golden = _json_member(_get(s3, bucket, key.rsplit("/", 1)[0] + "/golden.json"),
+                              "golden.json")
+        return ModelFiles(onnx=_check_onnx(blob), golden=golden)
+    members = _untar(blob, uri)
+    if "model.onnx" not in members:
+        raise ArtifactError(f"{uri} holds no model.onnx (found: {sorted(members) or 'nothing'})")
+    if "golden.json" not in members:
+        raise ArtifactError(f"{uri} holds no golden.json for the device smoke test")
+    metrics = _json_member(members["metrics.json"], "metrics.json") \
+        if "metrics.json" in members else {}
+    return ModelFiles(onnx=_check_onnx(members["model.onnx"]),
+                      golden=_json_member(members["golden.json"], "golden.json"),
+                      metrics=metrics)
+
+
+def _untar(blob: bytes, uri: str) -> dict[str, bytes]:
+    wanted = {"model.onnx", "golden.json", "metrics.json"}
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+            for info in tar:
+                name = info.name.removeprefix("./")
+                if name not in wanted or not info.isfile():
+                    continue
+                if info.size > MAX_MEMBER_BYTES:
+                    raise ArtifactError(f"{uri}: {name} is {info.size} bytes, over the limit")
+                handle = tar.extractfile(info)
+                if handle is None:
+                    continue
+                members[name] = handle.read()
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{uri} is not a readable tar.gz: {exc}") from None
+    return members
+
+
+def _json_member(raw: bytes, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{name} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{name} must hold a JSON object")
+    return value
+
+
+def _check_onnx(blob: bytes) -> bytes:
+    # An ONNX ModelProto starts with field 1 (ir_version, varint): tag byte 0x08.
+    # Lambda carries no onnx package; the device's smoke test is the full check.
+    if len(blob) < 16 or blob[0] != 0x08:
+        raise ArtifactError(f"model.onnx is not an ONNX model ({len(blob)} bytes)")
+    return blob
+
+
+def _load_released_files(s3: Any, bucket: str, model: str, version: int) -> ModelFiles:
+    prefix = layout.release_prefix(model, version)
+    onnx_bytes = _get(s3, bucket, layout.champion_key(model, version))
+    golden = _json_member(_get(s3, bucket, f"{prefix}golden.json"), "golden.json")
+    try:
+        metrics = _json_member(_get(s3, bucket, f"{prefix}metrics.json"), "metrics.json")
+    except ArtifactError:
+        metrics = {}
+    return ModelFiles(onnx=_check_onnx(onnx_bytes), golden=golden, metrics=metrics)
+
+
+def _get(s3: Any, bucket: str, key: str) -> bytes:
+    try:
+        head = s3.head_object(Bucket=bucket, Key=key)
+        if head.get("ContentLength", 0) > MAX_ARTIFACT_BYTES:
+            raise ArtifactError(f"s3://{bucket}/{key} is larger than {MAX_ARTIFACT_BYTES} bytes")
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        raise ArtifactError(f"cannot read s3://{bucket}/{key}: {code or exc}") from None
+
+
+def _put(s3: Any, bucket: str, key: str, body: bytes,
+         metadata: dict[str, str] | None = None) -> None:
+    s3.put_object(Bucket=bucket, Key=key, Body=body, Metadata=metadata or {})
+
