@@ -1,0 +1,118 @@
+"""Agent configuration: a JSON file and/or command-line flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is incomplete or inconsistent."""
+
+
+@dataclass
+class AgentConfig:
+    thing: str = ""
+    model: str = ""
+    endpoint: str = "localhost"
+    port: int = 8883
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    insecure_no_tls: bool = False  # plain TCP: local brokers only
+    state_dir: str = "./mledge-state"
+    sensor: str = "vibration"  # vibration | digits | none
+    rate: float = 1.0  # readings per second (0: no telemetry, jobs only)
+    fault_rate: float = 0.02
+    seed: int | None = None  # default: derived from the thing name
+    duration: float | None = None  # seconds to run; None: until SIGINT/SIGTERM
+    stats_interval: float = 2.0
+    session_threads: int = 1
+    request_timeout: float = 10.0
+    download_retries: int = 4
+    download_timeout: float = 30.0
+    log_level: str = "INFO"
+
+    def validate(self) -> AgentConfig:
+        if not self.thing:
+            raise ConfigError("thing is required (--thing or \"thing\" in the config file)")
+        if not self.model:
+            raise ConfigError("model is required (--model or \"model\" in the config file)")
+        if self.sensor not in ("vibration", "digits", "none"):
+            raise ConfigError(f"sensor must be vibration, digits or none, got {self.sensor!r}")
+        if not self.insecure_no_tls and bool(self.cert) != bool(self.key):
+            raise ConfigError("cert and key go together (mutual TLS)")
+        if self.rate < 0:
+            raise ConfigError("rate must be >= 0")
+        if not 0 <= self.fault_rate <= 1:
+            raise ConfigError("fault_rate must be within [0, 1]")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is out of range")
+        return self
+
+    @property
+    def effective_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return sum((i + 1) * ord(c) for i, c in enumerate(self.thing)) % (2**31)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> AgentConfig:
+        names = {f.name for f in fields(cls)}
+        normalised = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalised) - names)
+        if unknown:
+            raise ConfigError(f"unknown config fields {unknown}; known: {sorted(names)}")
+        return cls(**normalised)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> AgentConfig:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_mapping(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mledge-agent",
+        description="MLEdgeDeploy device agent: telemetry, IoT Jobs model updates, local inference.",
+    )
+    parser.add_argument("--config", help="JSON config file (same field names as the flags)")
+    parser.add_argument("--thing", help="thing name (also the MQTT client id)")
+    parser.add_argument("--model", help="model name, e.g. vibration-anomaly")
+    parser.add_argument("--endpoint", help="broker host: the AWS IoT data endpoint or a local broker")
+    parser.add_argument("--port", type=int, help="broker port (8883 TLS, 443 with ALPN, 1883 plain)")
+    parser.add_argument("--cert", help="device certificate (PEM)")
+    parser.add_argument("--key", help="device private key (PEM)")
+    parser.add_argument("--ca", help="CA bundle to trust (e.g. AmazonRootCA1.pem)")
+    parser.add_argument("--insecure-no-tls", action="store_true", default=None,
+                        help="plain TCP (local test brokers only)")
+    parser.add_argument("--state-dir", help="where models, state.json and stats.json live")
+    parser.add_argument("--sensor", choices=["vibration", "digits", "none"])
+    parser.add_argument("--rate", type=float, help="readings per second (0: no telemetry)")
+    parser.add_argument("--fault-rate", type=float, help="fraction of simulated readings with a fault")
+    parser.add_argument("--seed", type=int, help="simulator seed (default: from the thing name)")
+    parser.add_argument("--duration", type=float, help="run this many seconds, then stop")
+    parser.add_argument("--stats-interval", type=float, help="seconds between stats.json writes")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> AgentConfig:
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config")
+    config = AgentConfig.from_file(config_file) if config_file else AgentConfig()
+    for name, value in args.items():
+        if value is not None:
+            setattr(config, name, value)
+    return config.validate()

@@ -1,0 +1,94 @@
+"""What the device sends upstream, and how much it has sent.
+
+Policy (job document `uplink`, pipeline.toml): before a model is installed,
+`before_model` = "all" sends every reading (the cloud needs data to train on),
+"none" sends nothing. With a model: every anomaly (when `anomalies` is true), a
+random `sample_rate` fraction of the other readings (drift data), and a summary
+every `summary_interval_seconds`.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_POLICY = {
+    "before_model": "all",
+    "anomalies": True,
+    "sample_rate": 0.02,
+    "summary_interval_seconds": 60,
+}
+
+
+@dataclass(frozen=True)
+class UplinkPolicy:
+    before_model: str = "all"
+    anomalies: bool = True
+    sample_rate: float = 0.02
+    summary_interval_seconds: float = 60.0
+
+    @classmethod
+    def from_document(cls, value: dict[str, Any] | None) -> UplinkPolicy:
+        merged = {**DEFAULT_POLICY, **(value or {})}
+        before = str(merged["before_model"])
+        if before not in ("all", "none"):
+            before = "all"
+        rate = min(1.0, max(0.0, float(merged["sample_rate"])))
+        interval = max(1.0, float(merged["summary_interval_seconds"]))
+        return cls(before, bool(merged["anomalies"]), rate, interval)
+
+
+class UplinkDecider:
+    """Decides per reading whether it is sent; deterministic for a seed."""
+
+    def __init__(self, policy: UplinkPolicy, seed: int | None = None) -> None:
+        self.policy = policy
+        self._random = random.Random(seed)
+
+    def should_send(self, has_model: bool, anomaly: bool) -> tuple[bool, str]:
+        if not has_model:
+            return self.policy.before_model == "all", "no-model"
+        if anomaly and self.policy.anomalies:
+            return True, "anomaly"
+        if self._random.random() < self.policy.sample_rate:
+            return True, "sample"
+        return False, "suppressed"
+
+
+class UplinkCounter:
+    """Messages and bytes (topic + payload, as MQTT PUBLISH carries them) sent,
+    split by whether a model was serving at the time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, dict[str, int]] = {
+            phase: {"messages": 0, "bytes": 0, "telemetry": 0, "summaries": 0}
+            for phase in ("before_model", "with_model")
+        }
+        self.readings = {"before_model": 0, "with_model": 0}
+
+    def reading(self, has_model: bool) -> None:
+        with self._lock:
+            self.readings["with_model" if has_model else "before_model"] += 1
+
+    def sent(self, has_model: bool, topic: str, payload: bytes, kind: str) -> None:
+        phase = "with_model" if has_model else "before_model"
+        with self._lock:
+            entry = self.counts[phase]
+            entry["messages"] += 1
+            entry["bytes"] += len(topic.encode()) + len(payload)
+            entry["telemetry" if kind == "telemetry" else "summaries"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            result: dict[str, Any] = {}
+            for phase, entry in self.counts.items():
+                readings = self.readings[phase]
+                result[phase] = {
+                    **entry,
+                    "readings": readings,
+                    "bytes_per_reading": round(entry["bytes"] / readings, 2) if readings else None,
+                }
+            return result
