@@ -429,7 +429,8 @@ class Demo:
         self.event(f"  stack up: moto {settings.endpoint_url}, mosquitto localhost:"
                    f"{self.stack.mqtt_port} (TLS, client certificates, per-thing ACL)")
         self.fleet = Fleet(self.stack, options, self.model_name)
-        self.fleet.set_control(phase="stream", regime="normal", fault_rate=0.0,
+        self.fleet.set_control(phase="stream" if options.scenario == "anomaly" else "stream-10",
+                               regime="normal", fault_rate=0.0,
                                digits_limit=int(DIGITS_TOTAL * 0.10))
         self.fleet.provision(options.devices)
         self.event(f"  provisioned {options.devices} things in {self.model.thing_group}, "

@@ -338,7 +338,8 @@ def chart_story(summary: dict[str, Any]) -> str:
             continue
         svg.rect(x(start), 28, x(end) - x(start), height - 58, STAGE_COLORS[i % len(STAGE_COLORS)],
                  title=f"{stage['name']}: {stage['text']}")
-        svg.text(x(start) + 3, 24 if i % 2 else 12, stage["name"], size=11, color="#555")
+        if x(end) - x(start) >= 24:
+            svg.text(x(start) + 3, 24 if i % 2 else 12, stage["name"], size=11, color="#555")
     releases = {r["version"]: r for r in summary["releases"]}
     y = 48
     for t in rows:
@@ -360,7 +361,8 @@ def chart_story(summary: dict[str, Any]) -> str:
                 label = (f"fleet on v{t['version']}: {release['seconds_threshold_to_fleet']} s "
                          "from threshold")
                 near_end = x(times["fleet_swapped"]) > left + plot_w * 0.7
-                svg.text(x(times["released"]) - 4 if near_end else x(times["fleet_swapped"]) + 4,
+                svg.text(x(start or times["released"]) - 4 if near_end
+                         else x(times["fleet_swapped"]) + 4,
                          y + 13, label, size=11, color="#333",
                          anchor="end" if near_end else "start")
         y += 26
@@ -403,8 +405,9 @@ def chart_timeline(summary: dict[str, Any]) -> str:
             continue
         svg.rect(x(stage["started_s"]), top, x(end) - x(stage["started_s"]), plot_h,
                  STAGE_COLORS[i % len(STAGE_COLORS)], title=stage["text"])
-        svg.text(x(stage["started_s"]) + 3, top + (24 if i % 2 else 12), stage["name"], size=10,
-                 color="#777")
+        if x(end) - x(stage["started_s"]) >= 24:
+            svg.text(x(stage["started_s"]) + 3, top + (24 if i % 2 else 12), stage["name"],
+                     size=10, color="#777")
     _axes(svg, left, top, plot_w, plot_h, y_max, "fleet uplink, bytes/s")
     svg.polyline([(x(t), top + plot_h - plot_h * r / y_max) for t, r in smooth], UPLINK_COLOR)
     # devices per serving version (step lines)
