@@ -203,6 +203,10 @@ class Snapshot:
                 return record
         return None
 
+    def in_flight(self) -> bool:
+        """A training runs, or an approved version waits for its release."""
+        return any(r.status in (Status.TRAINING, Status.APPROVED) for r in self.versions.values())
+
     def released(self) -> list[VersionRecord]:
         return [r for r in self.versions.values() if r.status in RELEASED]
 
@@ -507,7 +511,7 @@ class Demo:
             lambda s: self._quiet_release(s, steady_until),
             progress=lambda s: (None, "measuring the uplink with a model; "
                                 + ("waiting for the training in flight"
-                                   if s.training() else "fleet on one model")))
+                                   if s.in_flight() else "fleet on one model")))
         if current != first_release:
             self.record_release(current)
 
@@ -550,14 +554,14 @@ class Demo:
                     snap.count_serving(current) == n:
                 recorded.add(current)
                 self.record_release(current)
-            return (snap.training() is None and current in recorded
+            return (not snap.in_flight() and current in recorded
                     and fault_readings(snap) >= target)
 
         self.wait_for("every device reads with faults injected; no training in flight",
                       lambda s: finished(s) or None,
                       progress=lambda s: (fault_readings(s) / target,
                                           f"{fault_readings(s)}/{target} readings per device"
-                                          + ("; a retrain is in flight" if s.training() else "")))
+                                          + ("; a retrain is in flight" if s.in_flight() else "")))
         self.stage("done", "stopping")
 
     @staticmethod
@@ -566,7 +570,7 @@ class Demo:
         return released[0] if released else None
 
     def _quiet_release(self, snap: Snapshot, steady_until: float) -> int | None:
-        if snap.training() is not None or time.monotonic() < steady_until:
+        if snap.in_flight() or time.monotonic() < steady_until:
             return None
         released = [r for r in snap.versions.values() if r.status == Status.RELEASED]
         if not released:
@@ -786,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
                           workdir=args.workdir.resolve(), timeout=args.timeout,
                           live=False if args.plain else None)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Ctrl-C stops the story even where the demo was started with SIGINT ignored (a
+    # background job of a script): cleanup then runs as for any other stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         summary = run_demo(options)
     except (KeyboardInterrupt, DemoInterrupted):
