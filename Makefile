@@ -27,7 +27,7 @@ test: env system-deps lint
 	$(PY) -m pytest -q
 
 demo: env system-deps
-	$(PY) -m devstack.demo --scenario $(SCENARIO) --devices $(DEVICES)
+	$(PY) -m mledge_devstack.demo --scenario $(SCENARIO) --devices $(DEVICES)
 
 bench: env
 	$(PY) bench/ingest.py

@@ -359,9 +359,13 @@ class CompletionHandler:
             metrics = read_metrics(self.s3, artifact)
         except ArtifactError as exc:
             return self._record_failure(change, str(exc))
+        released_version = self.registry.released_version(model)
+        scored_against = self.registry.get(model, version).lineage.get("champion_version")
         decision = evaluate(model_config, metrics,
-                            champion_in_production=self.registry.released_version(model)
-                            is not None)
+                            champion_in_production=released_version is not None,
+                            champion_version=scored_against if isinstance(scored_against, int)
+                            else None,
+                            released_version=released_version)
         to = Status.APPROVED if decision.approved else Status.REJECTED
         try:
             record = self.registry.transition(

@@ -92,8 +92,15 @@ def _verdict(passed: bool) -> str:
 
 
 def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
-             champion_in_production: bool = False) -> GateDecision:
-    """Decide on one challenger. `champion_in_production`: the model has a current release."""
+             champion_in_production: bool = False, champion_version: int | None = None,
+             released_version: int | None = None) -> GateDecision:
+    """Decide on one challenger. `champion_in_production`: the model has a current release.
+
+    `champion_version` (the release the challenger was scored against, from its lineage)
+    and `released_version` (the release now): when both are known and differ, the fleet
+    moved on while the challenger trained (e.g. a version approved during its training was
+    released) and it was never compared with what the fleet runs: the improvement rule fails.
+    """
     metric = model_config.metric
     threshold = float(model_config.threshold)
     min_improvement = float(model_config.min_improvement)
@@ -142,6 +149,12 @@ def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
         checks.append(GateCheck("improvement", False,
                                 f"champion {metric} is missing or not a finite number in "
                                 f"metrics.json: FAIL"))
+    elif (champion_version is not None and released_version is not None
+          and champion_version != released_version):
+        checks.append(GateCheck(
+            "improvement", False,
+            f"champion scored was v{champion_version}, but the fleet now runs "
+            f"v{released_version}: the challenger was never compared to it: FAIL"))
     elif challenger is not None:
         needed = champion + min_improvement
         ok = challenger >= needed - _ROUNDING

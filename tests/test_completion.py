@@ -108,6 +108,36 @@ def test_challenger_not_better_than_the_released_champion_is_rejected(
     assert received_details(aws, approved_queue) == []
 
 
+def test_challenger_scored_against_a_release_the_fleet_left_is_rejected(
+        client, aws, settings, registry, state_store, approved_queue):
+    first = released_version_with(registry, state_store, VIB, aws, settings.bucket, 0.4)
+    version, name = start_version(registry, state_store, VIB)  # scored against `first`
+    _set_champion(aws, settings, version, first)
+    # Meanwhile another version, approved before this training started, is released.
+    newer = registry.allocate_version(VIB)
+    registry.create_training(VIB, newer, {"job_name": f"mledge-{VIB}-v{newer}-x"})
+    registry.transition(VIB, newer, Status.APPROVED, expected=[Status.TRAINING], reason="test")
+    registry.mark_released(VIB, newer, {"job_id": f"{VIB}-v{newer}"})
+    artifact = put_artifact(aws, settings.bucket, VIB, name,
+                            metrics_doc(challenger=0.9, champion=0.4))
+    _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
+
+    record = registry.get(VIB, version)
+    assert record.status is Status.REJECTED
+    assert (f"champion scored was v{first}, but the fleet now runs v{newer}: the challenger "
+            "was never compared to it: FAIL") in record.gate["reasons"]
+    assert received_details(aws, approved_queue) == []
+
+
+def _set_champion(aws: Any, settings: Any, version: int, champion: int) -> None:
+    """The trigger records the release it scored against in the lineage."""
+    aws.dynamodb.update_item(
+        TableName=settings.registry_table,
+        Key={"model": {"S": VIB}, "version": {"N": str(version)}},
+        UpdateExpression="SET lineage.champion_version = :c",
+        ExpressionAttributeValues={":c": {"N": str(champion)}})
+
+
 def test_local_backend_events_use_the_sagemaker_shape(client, aws, settings, registry, state_store,
                                                       approved_queue):
     version, name = start_version(registry, state_store, VIB, backend="local")

@@ -106,6 +106,19 @@ def test_unscored_champion_rejects_when_a_model_is_in_production(vib):
     assert "never compared" in _check(decision, "improvement").reason
 
 
+def test_champion_the_fleet_no_longer_runs_rejects(vib):
+    # Scored against v2 while v4 (approved during this training) was released meanwhile.
+    decision = evaluate(vib, metrics_doc(challenger=0.9, champion=0.4),
+                        champion_in_production=True, champion_version=2, released_version=4)
+    assert not decision.approved
+    assert _check(decision, "improvement").reason == (
+        "champion scored was v2, but the fleet now runs v4: the challenger was never "
+        "compared to it: FAIL")
+    same = evaluate(vib, metrics_doc(challenger=0.9, champion=0.4),
+                    champion_in_production=True, champion_version=4, released_version=4)
+    assert same.approved
+
+
 def test_every_failing_rule_is_reported_not_just_the_first(digits):
     decision = evaluate(digits, metrics_doc(family="classifier", metric="accuracy",
                                             challenger=0.5, champion=0.9, parity=False,

@@ -52,13 +52,19 @@ MODES = (
 class VibrationSensor:
     feature_names = VIBRATION_FEATURES
 
-    def __init__(self, seed: int = 0, fault_rate: float = 0.02, mode_dwell: int = 200) -> None:
+    def __init__(self, seed: int = 0, fault_rate: float = 0.02, mode_dwell: int = 200,
+                 modes: tuple[OperatingMode, ...] = MODES) -> None:
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be in [0, 1], got {fault_rate}")
+        if not modes:
+            raise ValueError("at least one operating mode is needed")
         self.rng = np.random.default_rng(seed)
         self.fault_rate = fault_rate
         self.mode_dwell = mode_dwell  # readings spent in one mode before it may change
-        self._mode = int(self.rng.integers(len(MODES)))
+        # The machine's operating modes; a host may replace them while running (a regime
+        # shift, e.g. the demo's new line speed): the next mode change draws from the new set.
+        self.modes = tuple(modes)
+        self._mode = int(self.rng.integers(len(self.modes)))
         self._count = 0
         self._t = np.arange(WINDOW) / SAMPLE_RATE_HZ
         freqs = np.fft.rfftfreq(WINDOW, 1 / SAMPLE_RATE_HZ)
@@ -68,9 +74,9 @@ class VibrationSensor:
         """One reading; `fault` forces a fault (else one is drawn at fault_rate)."""
         rng = self.rng
         self._count += 1
-        if self._count % self.mode_dwell == 0:
-            self._mode = int(rng.integers(len(MODES)))
-        mode = MODES[self._mode]
+        if self._count % self.mode_dwell == 0 or self._mode >= len(self.modes):
+            self._mode = int(rng.integers(len(self.modes)))
+        mode = self.modes[self._mode]
         if fault is None and rng.random() < self.fault_rate:
             fault = FAULTS[int(rng.integers(len(FAULTS)))]
         if fault is not None and fault not in FAULTS:
