@@ -744,7 +744,7 @@ def _signals_deferred():
     """Let cleanup finish: a second Ctrl-C while stopping is noted, not obeyed mid-way."""
     pending: list[int] = []
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # not the main thread (tests)
             previous[sig] = signal.signal(sig, lambda s, f: pending.append(s))
     try:
@@ -790,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                           workdir=args.workdir.resolve(), timeout=args.timeout,
                           live=False if args.plain else None)
     signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGHUP, _raise_interrupted)  # the terminal closed: clean up too
     # Ctrl-C stops the story even where the demo was started with SIGINT ignored (a
     # background job of a script): cleanup then runs as for any other stop.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -224,6 +224,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    parent = os.getppid()
+
+    def stop_when_orphaned() -> None:
+        # The demo stops every agent itself; if it was killed outright (SIGKILL), the agent
+        # is re-parented and stops on its own instead of streaming forever.
+        while not agent._stop.wait(1.0):
+            if os.getppid() != parent:
+                logging.getLogger(__name__).warning("the demo (pid %d) is gone; stopping", parent)
+                agent._stop.set()
+
+    threading.Thread(target=stop_when_orphaned, name="orphan-watch", daemon=True).start()
     try:
         agent.run(config.duration)
     except MqttError as exc:

@@ -42,6 +42,16 @@ class Display:
         self._tick = 0
         self._last_plain = 0.0
         self._last_plain_text = ""
+        self._broken = False  # the terminal went away: keep running (and cleaning up) silently
+
+    def _out(self, text: str) -> None:
+        if self._broken:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._broken = True
 
     # ------------------------------------------------------------------ styling
     def style(self, text: str, code: str) -> str:
@@ -65,14 +75,13 @@ class Display:
     # ------------------------------------------------------------------ output
     def _clear_block(self) -> None:
         if self.live and self._drawn:
-            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self._out(f"\x1b[{self._drawn}F\x1b[J")
             self._drawn = 0
 
     def event(self, elapsed: float, text: str) -> None:
         """One line that stays (a stage change, a model decision, a release)."""
         self._clear_block()
-        self.stream.write(f"{self.dim(_clock(elapsed))} {text}\n")
-        self.stream.flush()
+        self._out(f"{self.dim(_clock(elapsed))} {text}\n")
 
     def status(self, lines: list[str], fraction: float | None, elapsed: float) -> None:
         """The status block: `lines[0]` is the stage, then the bar, then the rest."""
@@ -83,27 +92,22 @@ class Display:
             block = [f"{self.bold(lines[0])}", f"  {self.note(bar)}  {self.dim(_clock(elapsed))}",
                      *[f"  {line}" for line in lines[1:]]]
             self._clear_block()
-            for line in block:
-                self.stream.write(_clip(line, width, self.color) + "\n")
+            self._out("".join(_clip(line, width, self.color) + "\n" for line in block))
             self._drawn = len(block)
-            self.stream.flush()
             return
         text = f"{lines[0]} {bar}"
         now = time.monotonic()
         if text != self._last_plain_text and now - self._last_plain >= PLAIN_STATUS_EVERY_S:
-            self.stream.write(f"{_clock(elapsed)}   ... {lines[0]}: {bar.strip()}; "
-                              f"{'; '.join(lines[1:2])}\n")
-            self.stream.flush()
+            self._out(f"{_clock(elapsed)}   ... {lines[0]}: {bar.strip()}; "
+                      f"{'; '.join(lines[1:2])}\n")
             self._last_plain, self._last_plain_text = now, text
 
     def finish(self) -> None:
         self._clear_block()
-        self.stream.flush()
 
     def write(self, text: str = "") -> None:
         self._clear_block()
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        self._out(text + "\n")
 
 
 def _clock(seconds: float) -> str:
