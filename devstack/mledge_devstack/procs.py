@@ -3,13 +3,19 @@
 Every child starts in its own session (so in its own process group, with
 whatever it spawns in turn, e.g. a training subprocess); stopping sends SIGTERM
 to the whole group, waits, then SIGKILLs the group. An atexit hook stops what
-is still running if the owner forgets or crashes out of a `with` block.
+is still running if the owner forgets or crashes out of a `with` block, and on
+Linux each child also asks the kernel for SIGTERM when its parent dies, which
+covers an owner killed with SIGKILL (no atexit runs then). The parent-death
+signal follows the thread that started the child, so start children from a
+thread that lives as long as they should (the stack and the demo use the main
+thread).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -26,6 +32,16 @@ log = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux prctl)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class ProcessStartError(Exception):
@@ -70,6 +86,7 @@ class ManagedProcess:
         self.popen = subprocess.Popen(
             self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self.env, cwd=self.cwd, start_new_session=True,
+            preexec_fn=_terminate_with_parent if os.name == "posix" else None,
         )
         with _LIVE_LOCK:
             _LIVE.add(self)
