@@ -253,12 +253,6 @@ class Registry:
             raise UnknownVersionError(f"{model} has no version {version} in the registry")
         return _record_from_item(item)
 
-    def find(self, model: str, version: int) -> VersionRecord | None:
-        try:
-            return self.get(model, version)
-        except UnknownVersionError:
-            return None
-
     def list_versions(self, model: str) -> list[VersionRecord]:
         """All versions of a model, oldest first."""
         records: list[VersionRecord] = []

@@ -66,9 +66,6 @@ class Hyperparameters:
             raise HyperparameterError("hyperparameters file must hold a JSON object")
         return cls(raw)
 
-    def as_dict(self) -> dict[str, str]:
-        return dict(self._values)
-
     def _get(self, name: str, default: Any) -> str | None:
         self._read.add(name)
         value = self._values.get(name)

@@ -82,11 +82,6 @@ def check_conventions(sess: ort.InferenceSession, n_features: int, *, what: str)
                     f"has {found_outputs}")
 
 
-def input_width(sess: ort.InferenceSession) -> int | None:
-    shape = sess.get_inputs()[0].shape
-    return shape[-1] if shape and isinstance(shape[-1], int) else None
-
-
 def run(sess: ort.InferenceSession, features: np.ndarray, batch_rows: int = 65_536
         ) -> tuple[np.ndarray, np.ndarray]:
     """(label int64 [N], scores float32 [N, k]), in batches to bound memory."""

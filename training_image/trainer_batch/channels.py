@@ -16,7 +16,6 @@ code runs in the Batch container and in the local backend (against moto).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tarfile
 from collections.abc import Mapping
@@ -181,9 +180,3 @@ def package_model(base_dir: Path, dest: Path | None = None) -> Path:
 def upload_file(s3: Any, path: Path, uri: str) -> None:
     bucket, key = parse_s3_uri(uri)
     s3.upload_file(str(path), bucket, key)
-
-
-def environment_with(extra: Mapping[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(extra)
-    return env
