@@ -67,6 +67,14 @@ class AwsClients:
     def batch(self) -> Any:
         return self.client("batch")
 
+    @property
+    def kms(self) -> Any:
+        return self.client("kms")
+
+    @property
+    def cloudwatch(self) -> Any:
+        return self.client("cloudwatch")
+
 
 def error_code(exc: BaseException) -> str:
     """The AWS error code of a botocore ClientError ('' for anything else)."""

@@ -23,7 +23,8 @@ import io
 import json
 import tarfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -36,13 +37,14 @@ from mledge_update.codecs import (
     make_delta,
 )
 from mledge_update.document import (
+    JOB_DOCUMENT_MAX_CHARS,
     Delta,
     FullModel,
     UpdateJob,
     build_manifest,
-    fit_job_document,
-    job_from_manifest,
+    fit_job,
     presigned_url_placeholder,
+    serialize_job_document,
     smoke_from_golden,
 )
 from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFormatError
@@ -61,6 +63,7 @@ from chalicelib.registry import (
     now_iso,
 )
 from chalicelib.settings import Settings
+from chalicelib.signing import KmsReleaseSigner, SigningError
 
 logger = Logger(child=True)
 
@@ -216,30 +219,37 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
              if r.version != version][: model_config.delta_history]
     deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases)
 
+    rollback_from = registry.released_version(model) if event.rollback else None
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
         full=full, smoke=smoke, schema=model_config.schema.to_document(),
         deltas=tuple(deltas), uplink=model_config.uplink.to_document(),
-        rollback=event.rollback,
+        rollback=event.rollback, rollback_from=rollback_from,
     )
-    manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = ota.job_id_for(model, version, rollback_from=registry.released_version(model)
-                            if event.rollback else None)
-    manifest_key = (f"{prefix}manifest.json" if not event.rollback
-                    else f"{prefix}rollback-{job_id}.json")
-    _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
+    # Fit first, sign second: the signature covers the deltas the document keeps. The
+    # fit measures the document with its (longer) presign placeholders.
+    def url_for(key: str) -> str:
+        return presigned_url_placeholder(settings.region, bucket, key)
 
-    with_urls = job_from_manifest(
-        manifest, lambda key: presigned_url_placeholder(settings.region, bucket, key))
     try:
-        document = fit_job_document(with_urls)
-    except JobDocumentTooLargeError as exc:
+        fitted = fit_job(_with_urls(job, url_for))
+        signed = KmsReleaseSigner(clients.kms, settings.signing_key_id).sign(fitted)
+    except (JobDocumentTooLargeError, SigningError) as exc:
         raise PackagingError(str(exc)) from None
-    kept = {(d["from_version"], d["codec"]) for d in document.get("deltas", [])}
+    document = signed.to_document()
+    if len(serialize_job_document(document)) > JOB_DOCUMENT_MAX_CHARS:
+        raise PackagingError(f"signed job document for {model} v{version} exceeds "
+                             f"{JOB_DOCUMENT_MAX_CHARS} characters")
+    kept = {(d.from_version, d.codec) for d in signed.deltas}
     dropped = [d for d in deltas if (d.from_version, d.codec) not in kept]
     if dropped:
         logger.warning("job document too large: oldest deltas dropped",
                        extra={"dropped": [(d.from_version, d.codec) for d in dropped]})
+    manifest = build_manifest(signed, created_at=now_iso(), metrics=record.metrics or {})
+    job_id = ota.job_id_for(model, version, rollback_from=rollback_from)
+    manifest_key = (f"{prefix}manifest.json" if not event.rollback
+                    else f"{prefix}rollback-{job_id}.json")
+    _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
 
     previous = registry.current_release(model)
     try:
@@ -261,6 +271,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
                    for d in deltas if (d.from_version, d.codec) in kept],
         "rollback": event.rollback,
         "manual": event.manual,
+        "signing_key": signed.signature.key_id if signed.signature else "",
         "packaging_seconds": round(time.monotonic() - started, 3),
     }
     try:
@@ -327,6 +338,12 @@ def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, f
             deltas.append(Delta(from_version=base.version, from_sha256=base_sha, codec=codec,
                                 size=len(blob), sha256=sha, key=key))
     return deltas
+
+
+def _with_urls(job: UpdateJob, url_for_key: Callable[[str], str]) -> UpdateJob:
+    """`job` with each artifact's url made from its key (IoT's presign placeholder)."""
+    return replace(job, full=replace(job.full, url=url_for_key(job.full.key or "")),
+                   deltas=tuple(replace(d, url=url_for_key(d.key or "")) for d in job.deltas))
 
 
 # ---------------------------------------------------------------- artifacts

@@ -33,6 +33,7 @@ class Settings:
     batch_job_queue: str = ""
     batch_job_definition: str = ""
     iot_presign_role_arn: str = ""
+    signing_key_id: str = ""  # KMS key (alias or ARN) that signs releases
     pipeline_config: Path = DEFAULT_PIPELINE_CONFIG
     region: str = "us-east-1"
     endpoint_url: str | None = None
@@ -65,6 +66,7 @@ class Settings:
             batch_job_queue=env.get("MLEDGE_BATCH_JOB_QUEUE", ""),
             batch_job_definition=env.get("MLEDGE_BATCH_JOB_DEFINITION", ""),
             iot_presign_role_arn=env.get("MLEDGE_IOT_PRESIGN_ROLE_ARN", ""),
+            signing_key_id=env.get("MLEDGE_SIGNING_KEY_ID", ""),
             pipeline_config=Path(env.get("MLEDGE_PIPELINE_CONFIG") or DEFAULT_PIPELINE_CONFIG),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,

@@ -32,6 +32,7 @@ TEST_ENV = {
     "MLEDGE_BATCH_JOB_QUEUE": "mledge-test-gpu",
     "MLEDGE_BATCH_JOB_DEFINITION": "mledge-test-training",
     "MLEDGE_IOT_PRESIGN_ROLE_ARN": "arn:aws:iam::123456789012:role/mledge-test-presign",
+    "MLEDGE_SIGNING_KEY_ID": "alias/mledge-test-release-signing",
     "POWERTOOLS_METRICS_NAMESPACE": "MLEdgeDeployTest",
     "POWERTOOLS_SERVICE_NAME": "mledgedeploy",
     "POWERTOOLS_DEV": "false",
@@ -62,10 +63,12 @@ def settings():
 
 @pytest.fixture
 def aws(settings) -> Iterator:
-    """moto in-process with the stage's bucket, tables and queues; yields AwsClients."""
+    """moto in-process with the stage's bucket, tables, queues and release signing key;
+    yields AwsClients."""
     from moto import mock_aws
 
     from chalicelib.aws import AwsClients
+    from chalicelib.signing import create_signing_key
     from chalicelib.tables import create_tables
 
     with mock_aws():
@@ -74,6 +77,7 @@ def aws(settings) -> Iterator:
         create_tables(clients.dynamodb, settings.registry_table, settings.state_table)
         clients.sqs.create_queue(QueueName=settings.telemetry_queue)
         clients.sqs.create_queue(QueueName=settings.raw_events_queue)
+        create_signing_key(clients.kms, settings.signing_key_id)
         yield clients
 
 
