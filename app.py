@@ -7,7 +7,7 @@ import os
 from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, SQSEvent
 
-from chalicelib import completion, ingest, operator_api, packaging, trigger
+from chalicelib import completion, ingest, operator_api, packaging, rollouts, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -126,3 +126,11 @@ def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
     return packaging.handle_model_approved(event.detail, clients=rt.clients,
                                            settings=rt.settings, config=rt.config).to_dict()
+
+
+# --- observability: rollout progress of each current release (chalicelib/rollouts.py) --
+
+@app.schedule(Rate(rollouts.REPORT_MINUTES, unit=Rate.MINUTES))
+def report_rollouts(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    rollouts.report_rollouts(clients=rt.clients, settings=rt.settings, config=rt.config)

@@ -53,6 +53,7 @@ from mledge_update.hashing import sha256_hex
 from chalicelib import layout, ota
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.observability import PipelineMetrics, correlate, correlated
 from chalicelib.registry import (
     AlreadyReleasedError,
     Registry,
@@ -145,6 +146,12 @@ def handle_model_approved(
 ) -> ReleaseResult:
     """Release the approved version named in a `ModelApproved` event's detail."""
     event = ModelApproved.from_detail(detail)
+    with correlated(model=event.model, version=event.version):
+        return _handle(event, clients=clients, settings=settings, config=config)
+
+
+def _handle(event: ModelApproved, *, clients: AwsClients, settings: Settings,
+            config: PipelineConfig) -> ReleaseResult:
     registry = Registry(settings.registry_table, clients.dynamodb)
     try:
         model_config = config.model(event.model)
@@ -247,6 +254,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
                        extra={"dropped": [(d.from_version, d.codec) for d in dropped]})
     manifest = build_manifest(signed, created_at=now_iso(), metrics=record.metrics or {})
     job_id = ota.job_id_for(model, version, rollback_from=rollback_from)
+    correlate(job=job_id)
     manifest_key = (f"{prefix}manifest.json" if not event.rollback
                     else f"{prefix}rollback-{job_id}.json")
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
@@ -287,6 +295,8 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
             ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
 
     logger.info("released", extra=release_info)
+    PipelineMetrics(settings.stage).release(
+        model, version, full.size, [d["size"] for d in release_info["deltas"]], event.rollback)
     return ReleaseResult(model, version, "released", job_id=job_id, manifest_key=manifest_key,
                          model_size=len(files.onnx), full_size=full.size,
                          deltas=release_info["deltas"])

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
+
+from aws_lambda_powertools import Logger
 
 from chalicelib import layout
 from chalicelib.aws import error_code
@@ -41,6 +42,7 @@ from chalicelib.backends import (
     training_hyperparameters,
 )
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.observability import PipelineMetrics, correlated
 from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
 from chalicelib.settings import Settings
 from chalicelib.snapshot import count_records, has_raw_data, is_raw_data_key, write_snapshot
@@ -60,7 +62,7 @@ __all__ = [
     "start_training",
 ]
 
-log = logging.getLogger(__name__)
+logger = Logger(child=True)
 
 # The schedule handler runs this often (app.py uses the same constant); a
 # model's `training.schedule` is honoured to within one tick.
@@ -149,7 +151,7 @@ def iter_s3_records(event: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
             try:
                 body = json.loads(record["body"])
             except (TypeError, json.JSONDecodeError):
-                log.warning("raw-events: skipping a non-JSON SQS message %s",
+                logger.warning("raw-events: skipping a non-JSON SQS message %s",
                             record.get("messageId"))
                 continue
             if isinstance(body, dict) and body.get("Type") == "Notification" and "Message" in body:
@@ -270,6 +272,7 @@ class Trigger:
         self.backend_factory = backend_factory or (
             lambda name: backend_for(name, clients, settings))
         self.clock = clock
+        self.metrics = PipelineMetrics(settings.stage)
 
     # -- S3 events
 
@@ -285,7 +288,7 @@ class Trigger:
                     f"{total} new records, {model.min_new_records} start a training")
                 continue
             self._try_start(model_name, "new-data", report)
-        log.info("raw-events: %s", json.dumps(report.to_dict(), default=str))
+        logger.info("raw-events: %s", json.dumps(report.to_dict(), default=str))
         return report
 
     def _count_record(self, record: Mapping[str, Any], report: TriggerReport,
@@ -352,7 +355,7 @@ class Trigger:
                 report.not_started[name] = "no new records since the last training"
             else:
                 self._try_start(name, "schedule", report)
-        log.info("schedule: %s", json.dumps(report.to_dict(), default=str))
+        logger.info("schedule: %s", json.dumps(report.to_dict(), default=str))
         return report
 
     # -- starting one training
@@ -442,29 +445,33 @@ class Trigger:
             objects=len(snapshot.objects), records=snapshot.records, new_records=new_records,
             champion_version=champion.version if champion else None,
         )
-        log.info("training started: %s (%d new records stay counted)",
-                 json.dumps(start.to_dict()), remaining)
+        with correlated(model=model.name, version=version, job=job_name):
+            logger.info("training started: %s (%d new records stay counted)",
+                        json.dumps(start.to_dict()), remaining)
+        self.metrics.training_started(model.name, version, model.training.backend)
         return start
 
     def _record_start_failure(self, model: str, version: int, lineage: dict[str, Any],
                               created: bool, why: str) -> None:
         """FAILED with the reason, then the lock released; each step tried on its own."""
+        self.metrics.training_failed(model, version, why)
         try:
             if not created:
                 self.registry.create_training(model, version, lineage)
             self.registry.transition(model, version, Status.FAILED, expected=[Status.TRAINING],
                                      reason=f"training did not start: {why}", failure_reason=why)
         except Exception:
-            log.exception("could not record %s v%d as FAILED", model, version)
+            logger.exception("could not record %s v%d as FAILED", model, version)
         try:
             self.state.release_training_lock(model, version)
         except Exception:
-            log.exception("could not release the training lock of %s v%d", model, version)
+            logger.exception("could not release the training lock of %s v%d", model, version)
 
     def _fail_stale(self, model: str, version: int, job_name: str) -> None:
         """A lock past max runtime + margin was taken over: its version never reported back."""
         why = (f"no completion event for job {job_name} within its max runtime and margin; "
                "its training lock was taken over")
+        self.metrics.training_failed(model, version, why)
         # TransitionError: it did finish; UnknownVersionError: it never got a record.
         with contextlib.suppress(TransitionError, UnknownVersionError):
             self.registry.transition(model, version, Status.FAILED, expected=[Status.TRAINING],

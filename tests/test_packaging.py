@@ -304,3 +304,47 @@ def test_without_a_usable_signing_key_nothing_is_released(env, settings) -> None
     assert env["registry"].get(MODEL, v1).status is Status.APPROVED
     set_runtime(Runtime.from_settings(replace(settings, signing_key_id=""), clients=env["aws"]))
     assert "MLEDGE_SIGNING_KEY_ID is not set" in publish(env, v1)["reason"]
+
+
+# ---------------------------------------------------------------------------- observability
+
+def test_release_emits_its_metrics(env, capsys) -> None:
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    v2 = approve(env, artifact(kmeans_onnx(2)))
+    publish(env, v1)
+    capsys.readouterr()
+    result = publish(env, v2)
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    (per_model,) = [b for b in blobs if b.get("model") == MODEL]
+    assert per_model["Releases"] == [1.0] and per_model["version"] == v2
+    assert per_model["ReleaseFullBytes"] == [float(result["full_size"])]
+    assert per_model["ReleaseSmallestDeltaBytes"] == [float(min(d["size"] for d in result["deltas"]))]
+    assert len(blobs) == 2  # and the stage-wide copy the alarms read
+
+
+def test_rollout_progress_is_reported_for_each_current_release(env, capsys) -> None:
+    from chalicelib.rollouts import COUNT_FIELDS, execution_counts
+
+    client = env["client"]
+    tick = client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event",
+                                           detail={}, resources=[])
+    capsys.readouterr()
+    client.lambda_.invoke("report_rollouts", tick)
+    assert '"_aws"' not in capsys.readouterr().out  # nothing released: nothing to report
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    job_id = publish(env, v1)["job_id"]
+    capsys.readouterr()
+    client.lambda_.invoke("report_rollouts", tick)
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    (per_model,) = [b for b in blobs if b.get("model") == MODEL]
+    assert per_model["job_id"] == job_id and per_model["version"] == v1
+    assert {k for k in per_model if k.startswith("Rollout")} == {
+        "RolloutQueued", "RolloutInProgress", "RolloutSucceeded", "RolloutFailed",
+        "RolloutRejected", "RolloutTimedOut", "RolloutCanceled", "RolloutRemoved",
+        "RolloutSucceededPercent"}
+    assert per_model["RolloutQueued"] == [1.0] and per_model["RolloutSucceededPercent"] == [0.0]
+    # The counts come from IoT's jobProcessDetails, whatever subset it reports.
+    details = {name: i for i, name in enumerate(COUNT_FIELDS, start=1)}
+    counts = execution_counts({"jobProcessDetails": details})
+    assert counts["SUCCEEDED"] == details["numberOfSucceededThings"]
+    assert execution_counts({}) == dict.fromkeys(COUNT_FIELDS.values(), 0)
