@@ -2,10 +2,12 @@
 
 Creates (or reuses) the thing, creates a certificate and key pair, attaches the
 stage's device policy to the certificate and the certificate to the thing, adds
-the thing to its model's thing group (from chalicelib/pipeline.toml), and writes
-the bundle the agent reads: cert.pem, private.key, agent.json (endpoint from
-`describe_endpoint(endpointType='iot:Data-ATS')`, port 8883) and a note on the
-Amazon root CA. Running it again for the same thing and --out reuses the
+the thing to its model's thing group (from chalicelib/pipeline.toml; the group is
+created when the model has none yet), and writes the bundle the agent reads:
+cert.pem, private.key, release-keys.pem (the public key of the stage's release
+signing key: the agent refuses releases it did not sign), agent.json (endpoint
+from `describe_endpoint(endpointType='iot:Data-ATS')`, port 8883) and a note on
+the Amazon root CA. Running it again for the same thing and --out reuses the
 certificate already there if AWS IoT still has it active.
 """
 
@@ -24,19 +26,23 @@ from typing import Any
 
 from chalicelib.aws import error_code
 from chalicelib.config import ConfigError, UnknownModelError, load_pipeline_config
+from chalicelib.ota import OtaError, ensure_thing_group
 from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
+from chalicelib.signing import SigningError, release_public_key_pem
 from mledge_ops.common import (
     STAGES,
     OpsError,
     aws_options,
     clients_from_args,
     device_policy_name,
+    signing_key_alias,
 )
 
 THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 MQTT_TLS_PORT = 8883
 ROOT_CA_URL = "https://www.amazontrust.com/repository/AmazonRootCA1.pem"
 CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "private.key", "AmazonRootCA1.pem"
+RELEASE_KEYS_FILE = "release-keys.pem"
 AGENT_CONFIG_FILE, RECORD_FILE = "agent.json", "provision.json"
 CA_NOTE_FILE = "AmazonRootCA1.README.txt"
 # The agent's simulated sensors (mledge_edge.config.AgentConfig.sensor) by model.
@@ -86,6 +92,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--ca-file", type=Path, help="copy this root CA into the bundle")
     parser.add_argument(
+        "--signing-key",
+        help="KMS key (alias or ARN) that signs the stage's releases; its public key goes "
+        "into the bundle (default: the stage's MLEDGE_SIGNING_KEY_ID, else "
+        "alias/mledge-<stage>-release-signing)",
+    )
+    parser.add_argument(
         "--force", action="store_true",
         help="overwrite a bundle in --out that belongs to another thing",
     )
@@ -93,10 +105,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    iot = clients_from_args(args).iot
+    clients = clients_from_args(args)
     try:
         device = provision_device(
-            iot,
+            clients.iot,
+            kms=clients.kms,
+            signing_key=args.signing_key or signing_key_alias(args.stage),
             thing=args.thing,
             model=args.model,
             out_dir=args.out,
@@ -122,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
 def provision_device(
     iot: Any,
     *,
+    kms: Any,
+    signing_key: str,
     thing: str,
     model: str,
     out_dir: Path,
@@ -140,8 +156,16 @@ def provision_device(
     group = _thing_group_of(model, pipeline_config)
     out_dir = out_dir.resolve()
     previous = _read_previous_record(out_dir, thing, force=force)
-    _require(iot.describe_thing_group, "thing group", group, thingGroupName=group)
     _require(iot.get_policy, "IoT policy", policy, policyName=policy)
+    try:
+        release_keys = release_public_key_pem(kms, signing_key)
+    except SigningError as exc:
+        raise ProvisionError(f"{exc}: deploy infra/pipeline.yaml for the stage first "
+                             "(it creates the release signing key), or pass --signing-key") from None
+    try:
+        ensure_thing_group(iot, group, model=model, stage=stage)
+    except OtaError as exc:
+        raise ProvisionError(str(exc)) from None
 
     thing_arn = _ensure_thing(iot, thing, model, stage)
     reused = _reusable_certificate(iot, previous, out_dir)
@@ -160,6 +184,8 @@ def provision_device(
     iot.add_thing_to_thing_group(thingGroupName=group, thingName=thing)
     endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / RELEASE_KEYS_FILE, release_keys.decode("ascii"), mode=0o644)
     if ca_file is not None:
         shutil.copyfile(ca_file, out_dir / CA_FILE)
     base = Path(device_dir) if device_dir else out_dir
@@ -173,6 +199,7 @@ def provision_device(
         "ca": str(base / CA_FILE),
         "state_dir": str(base / "state"),
         "sensor": SIMULATED_SENSOR.get(model, "none"),
+        "release_keys": str(base / RELEASE_KEYS_FILE),
     }
     _write(out_dir / AGENT_CONFIG_FILE, json.dumps(agent, indent=2) + "\n", mode=0o644)
     _write(out_dir / CA_NOTE_FILE, _ca_note(), mode=0o644)
@@ -186,6 +213,7 @@ def provision_device(
         "certificate_id": cert_id,
         "certificate_arn": cert_arn,
         "endpoint": endpoint,
+        "signing_key": signing_key,
         "provisioned_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write(out_dir / RECORD_FILE, json.dumps(record, indent=2) + "\n", mode=0o644)

@@ -35,6 +35,7 @@ OUTPUT_FOR_VARIABLE: dict[str, str] = {
     "MLEDGE_TELEMETRY_QUEUE": "TelemetryQueueName",
     "MLEDGE_RAW_EVENTS_QUEUE": "RawEventsQueueName",
     "MLEDGE_IOT_PRESIGN_ROLE_ARN": "IotPresignRoleArn",
+    "MLEDGE_SIGNING_KEY_ID": "ReleaseSigningKeyAlias",
     "MLEDGE_TRAINING_ROLE_ARN": "TrainingRoleArn",
     "MLEDGE_TRAINING_IMAGE_URI": "TrainingImageUri",
     "MLEDGE_BATCH_JOB_QUEUE": "BatchJobQueueName",
