@@ -77,6 +77,20 @@ def correlate(**keys: Any) -> None:
     added.extend(present)
 
 
+_metrics_off: ContextVar[bool] = ContextVar("mledge_metrics_off", default=False)
+
+
+@contextlib.contextmanager
+def metrics_off() -> Iterator[None]:
+    """No EMF lines inside: outside Lambda (the `mledge` CLI) stdout is the operator's
+    terminal, and nothing ships EMF from there to CloudWatch."""
+    token = _metrics_off.set(True)
+    try:
+        yield
+    finally:
+        _metrics_off.reset(token)
+
+
 class PipelineMetrics:
     """EMF metrics of one stage; `emit` is the only way code here records a metric."""
 
@@ -85,7 +99,7 @@ class PipelineMetrics:
 
     def emit(self, model: str, values: Mapping[str, Metric],
              metadata: Mapping[str, Any] | None = None) -> None:
-        if not values:
+        if not values or _metrics_off.get():
             return
         for dimensions in ({"stage": self.stage, "model": model}, {"stage": self.stage}):
             metrics = EphemeralMetrics()

@@ -6,6 +6,7 @@ directly. Nothing else in chalicelib reads the environment.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,3 +73,22 @@ class Settings:
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             code_version=env.get("MLEDGE_CODE_VERSION", "dev"),
         )
+
+
+def chalice_stage_environment(chalice_config: Path, stage: str) -> dict[str, str]:
+    """A stage's environment variables from `.chalice/config.json` (global, then stage),
+    as `chalice deploy --stage` gives them to every function."""
+    try:
+        config = json.loads(Path(chalice_config).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{chalice_config} not found (run from the project directory or "
+                            "pass --chalice-config)") from None
+    except ValueError as exc:
+        raise SettingsError(f"{chalice_config} is not valid JSON: {exc}") from None
+    stages = config.get("stages", {})
+    if stage not in stages:
+        raise SettingsError(f"{chalice_config}: no stage {stage!r} "
+                            f"(stages: {', '.join(sorted(stages)) or 'none'})")
+    env = dict(config.get("environment_variables", {}))
+    env.update(stages[stage].get("environment_variables", {}))
+    return {k: str(v) for k, v in env.items()}

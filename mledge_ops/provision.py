@@ -30,13 +30,13 @@ from chalicelib.ota import OtaError, ensure_thing_group
 from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
 from chalicelib.signing import SigningError, release_public_key_pem
 from mledge_ops.common import (
-    STAGES,
     OpsError,
     aws_options,
     clients_from_args,
     device_policy_name,
     signing_key_alias,
 )
+from mledge_ops.stage import stage_environment, stage_options
 
 THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 MQTT_TLS_PORT = 8883
@@ -69,7 +69,7 @@ class ProvisionedDevice:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "provision-device",
-        parents=[aws_options()],
+        parents=[aws_options(), stage_options()],
         help="create a thing + certificate for a device and write its agent bundle",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -77,7 +77,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--thing", required=True, help="thing name (also the MQTT client id)")
     parser.add_argument("--model", required=True, help="model the device runs (pipeline.toml)")
     parser.add_argument("--out", required=True, type=Path, help="directory for the bundle")
-    parser.add_argument("--stage", default="dev", choices=STAGES, help="default: dev")
     parser.add_argument(
         "--policy", help="IoT policy to attach (default: mledge-<stage>-device from infra/)"
     )
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         device = provision_device(
             clients.iot,
             kms=clients.kms,
-            signing_key=args.signing_key or signing_key_alias(args.stage),
+            signing_key=args.signing_key or _stage_signing_key(args),
             thing=args.thing,
             model=args.model,
             out_dir=args.out,
@@ -131,6 +130,16 @@ def run(args: argparse.Namespace) -> int:
     if not (device.out_dir / CA_FILE).exists():
         print(f"note: put the Amazon root CA in {device.out_dir / CA_FILE} ({ROOT_CA_URL})")
     return 0
+
+
+def _stage_signing_key(args: argparse.Namespace) -> str:
+    """The stage's MLEDGE_SIGNING_KEY_ID when its settings are readable, else the alias
+    infra/pipeline.yaml makes."""
+    try:
+        configured = stage_environment(args).get("MLEDGE_SIGNING_KEY_ID", "")
+    except OpsError:
+        configured = ""
+    return configured or signing_key_alias(args.stage)
 
 
 def provision_device(

@@ -63,7 +63,8 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", choices=STAGES,
+                        help="required here (before or after the command)")
     parser.add_argument(
         "--stack",
         action="append",
@@ -74,8 +75,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--chalice-config",
         type=Path,
-        default=Path(".chalice/config.json"),
-        help="the Chalice config to update (default: .chalice/config.json)",
+        default=None,
+        help="the Chalice config to update (default: the project's .chalice/config.json)",
     )
     parser.add_argument(
         "--partial",
@@ -87,6 +88,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.stage_given:
+        raise OpsError("name the stage to write: --stage dev or --stage prod")
+    if args.stage not in STAGES:
+        raise OpsError(f"--stage must be one of {', '.join(STAGES)}")
     stacks = args.stacks or [pipeline_stack_name(args.stage), training_stack_name(args.stage)]
     cfn = clients_from_args(args).client("cloudformation")
     try:

@@ -147,7 +147,7 @@ def iot(moto):
 
 
 def provision(out: Path, thing: str = "pump-7", model: str = "vibration-anomaly", *extra: str):
-    return main(["provision-device", "--thing", thing, "--model", model, "--out", str(out),
+    return main(["provision-device", "--stage", "dev", "--thing", thing, "--model", model, "--out", str(out),
                  "--region", REGION, *extra])
 
 

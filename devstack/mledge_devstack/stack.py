@@ -30,7 +30,7 @@ from typing import Any
 
 from chalicelib.aws import AwsClients
 from chalicelib.config import load_pipeline_config
-from chalicelib.settings import Settings
+from chalicelib.settings import Settings, SettingsError, chalice_stage_environment
 from mledge_devstack.broker import BRIDGE_CLIENT, MosquittoBroker
 from mledge_devstack.certs import ClientCredentials, LocalCA
 from mledge_devstack.mqtt import MqttClient
@@ -111,13 +111,10 @@ class StackInfo:
 
 def stage_environment(project_dir: Path, stage: str) -> dict[str, str]:
     """The stage's environment variables from `.chalice/config.json` (global, then stage)."""
-    path = project_dir / ".chalice" / "config.json"
-    config = json.loads(path.read_text())
-    if stage not in config.get("stages", {}):
-        raise StackError(f"{path}: no stage {stage!r} (stages: {', '.join(config['stages'])})")
-    env = dict(config.get("environment_variables", {}))
-    env.update(config["stages"][stage].get("environment_variables", {}))
-    return {k: str(v) for k, v in env.items()}
+    try:
+        return chalice_stage_environment(project_dir / ".chalice" / "config.json", stage)
+    except SettingsError as exc:
+        raise StackError(str(exc)) from None
 
 
 def child_environment(project_dir: Path, stack_env: dict[str, str]) -> dict[str, str]:
