@@ -52,12 +52,12 @@ def test_the_add_a_model_example_goes_from_config_to_a_release_with_no_template_
     """The doc's table added to the real pipeline.toml: the model trains, releases to its
     own thing group (created by packaging), and provision-device enrols devices in it."""
     from chalice.test import Client
-    from mledge_ops.cli import main
 
     from app import app
     from chalicelib.registry import Registry, Status
     from chalicelib.runtime import Runtime, set_runtime
     from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
+    from mledge_ops.cli import main
     from tests.test_packaging import artifact, kmeans_onnx
 
     config_path = tmp_path / "pipeline.toml"
