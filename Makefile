@@ -45,9 +45,10 @@ lint: env
 test: env system-deps lint
 	$(PY) -m pytest -q
 
-# Everything but the tests that start the local stack (moto server, mosquitto, agents).
-test-fast: env
-	$(PY) -m pytest -q -m "not stack"
+# Everything but the tests that start the local stack (moto server over HTTP, the whole
+# stack, the end-to-end demo), on two workers.
+test-fast: env system-deps
+	$(PY) -m pytest -q -m "not stack" -n 2
 
 demo: env system-deps
 	$(PY) -m mledge_devstack.demo --scenario $(SCENARIO) --devices $(DEVICES)
