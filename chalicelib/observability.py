@@ -103,12 +103,12 @@ class PipelineMetrics:
             return
         for dimensions in ({"stage": self.stage, "model": model}, {"stage": self.stage}):
             metrics = EphemeralMetrics()
-            for name, value in dimensions.items():
-                metrics.add_dimension(name=name, value=value)
-            for name, (value, unit) in values.items():
-                metrics.add_metric(name=name, unit=MetricUnit[unit], value=value)
-            for key, value in (metadata or {}).items():
-                metrics.add_metadata(key=key, value=value)
+            for name, dimension in dimensions.items():
+                metrics.add_dimension(name=name, value=dimension)
+            for name, (amount, unit) in values.items():
+                metrics.add_metric(name=name, unit=MetricUnit[unit], value=amount)
+            for key, extra in (metadata or {}).items():
+                metrics.add_metadata(key=key, value=extra)
             try:
                 metrics.flush_metrics()
             except SchemaValidationError as exc:

@@ -26,7 +26,7 @@ from mledge_devstack.stack import LocalStack, StackInfo
 
 from tests.conftest import subprocess_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "vibration-anomaly"
 WAIT = 15.0  # bound for every wait on the stack (never an assertion on speed)

@@ -41,7 +41,8 @@ def models() -> dict[int, bytes]:
 def agent_config(tmp_path, port: int, **overrides) -> AgentConfig:
     keys = tmp_path / "release-keys.pem"
     keys.write_bytes(release_keys_pem())
-    values = dict(release_keys=str(keys), thing="dev-1", model=MODEL, endpoint="127.0.0.1", port=port, insecure_no_tls=True,
+    values = dict(release_keys=str(keys), thing="dev-1", model=MODEL, endpoint="127.0.0.1",
+                  port=port, insecure_no_tls=True,
                   state_dir=str(tmp_path / "state"), sensor="vibration", rate=0, seed=5,
                   stats_interval=0.2, request_timeout=5.0)
     values.update(overrides)
