@@ -4,7 +4,8 @@
 - `mledge_update.codecs`: delta codecs by name (`bsdiff4` baseline) and full-model encodings.
 - `mledge_update.document`: the IoT Jobs job document and the release manifest.
 
-Pure Python plus bsdiff4 and zstandard (no numpy): it runs in Lambda and on devices.
+Python plus bsdiff4, zstandard and numpy (`onnx-delta-2` only; without numpy that codec is
+simply not offered): it runs in Lambda and on devices.
 """
 
 from .errors import (
