@@ -45,14 +45,7 @@ from typing import BinaryIO
 import numpy as np
 import zstandard
 
-from ._wire import (
-    MAX_OUTPUT_BYTES,
-    Reader,
-    put_varint,
-    zstd_compress,
-    zstd_decompress_checked,
-    zstd_decompressor,
-)
+from ._wire import MAX_OUTPUT_BYTES, Reader, put_varint, window_log_for
 from .errors import PatchError
 from .onnx_xor import _fields, _NotProtobuf, _text, _varint
 
@@ -72,6 +65,14 @@ MIN_REGION_BYTES = 32
 SAMPLE_ELEMENTS = 1 << 17
 DICT_MAX_BYTES = 16 << 20
 TRY_PLAIN_BELOW = 1 << 20
+# Arrays up to this size share one frame (a frame costs ~10 bytes and its entropy tables
+# more: a forest of 60 small trees would pay that 700 times); the shared stream is held
+# whole when applying, so its total is capped.
+SMALL_ARRAY_BYTES = 64 << 10
+SHARED_MAX_BYTES = 8 << 20
+# The envelope carries the first HASH_BYTES of each SHA-256: enough to refuse a wrong base
+# and catch corruption; the job document carries the full hash of the result.
+HASH_BYTES = 8
 
 # kinds of element encodings in the protobuf
 KIND_FIXED = 0  # little-endian fixed-width elements, optionally each preceded by a tag
@@ -457,8 +458,52 @@ def _level(nbytes: int) -> int:
     return SMALL_LEVEL if nbytes <= LARGE_ARRAY_BYTES else LARGE_LEVEL
 
 
+def _dict(dictionary: bytes) -> zstandard.ZstdCompressionDict | None:
+    return zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT) if dictionary else None
+
+
 def _compress(data: bytes, level: int, dictionary: bytes = b"") -> bytes:
-    return zstd_compress(data, level=level, dictionary=dictionary, long_window=bool(dictionary))
+    """A magicless zstd frame with its content size and no checksum: the table says what
+    each frame is and the whole result is hashed, so magic and checksum would be 8 bytes
+    of every frame spent twice."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=len(data) + len(dictionary),
+        window_log=window_log_for(len(dictionary), len(data)) if dictionary else 0,
+        enable_ldm=len(dictionary) > (8 << 20),
+        format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_checksum=0, write_content_size=1, write_dict_id=0)
+    return zstandard.ZstdCompressor(compression_params=params, dict_data=_dict(dictionary)).compress(data)
+
+
+def _decompressor(dictionary: bytes = b"") -> zstandard.ZstdDecompressor:
+    return zstandard.ZstdDecompressor(dict_data=_dict(dictionary), max_window_size=2**31,
+                                      format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+
+
+def _decompress(frame: bytes, size: int, dictionary: bytes = b"") -> bytes:
+    """Exactly `size` bytes from one frame, or PatchError."""
+    try:
+        reader = _decompressor(dictionary).decompressobj()
+        out = reader.decompress(frame)
+        if not reader.eof or reader.unused_data or len(out) != size:
+            raise PatchError(f"{NAME}: frame does not hold the {size} bytes the table says")
+    except zstandard.ZstdError as exc:
+        raise PatchError(f"{NAME}: corrupt frame: {exc}") from exc
+    return out
+
+
+def _plane_cost(res: np.ndarray, width: int) -> float:
+    """Order-0 entropy of the residual's byte planes, in bytes: the ranking for arrays
+    that go into the shared frame (compressing each candidate alone would rank frame
+    overhead, not content)."""
+    if res.size == 0:
+        return 0.0
+    cost = 0.0
+    view = res.astype(_UINT[width], copy=False).view(np.uint8).reshape(-1, width)
+    for k in range(width):
+        counts = np.bincount(view[:, k], minlength=256)
+        counts = counts[counts > 0]
+        cost -= float((counts * np.log2(counts / res.size)).sum()) / 8
+    return cost
 
 
 def _scale_for(new: np.ndarray, old: np.ndarray, width: int) -> float | None:
@@ -502,63 +547,78 @@ def _candidates(array: Array, base: Array | None) -> list[tuple[int, float]]:
 class _Coded:
     transform: int
     scale: float
-    frames: list[tuple[int, bytes]]  # (rows, frame)
+    frames: list[tuple[int, bytes]]  # (rows, frame); empty when in the shared frame
+    shared: bytes = b""  # the residual's byte planes, for the shared frame
 
     @property
     def size(self) -> int:
-        return sum(len(f) + 6 for _, f in self.frames)
-
-
-def _code(array: Array, base: Array | None, transform: int, scale: float, level: int,
-          limit_rows: int | None = None) -> _Coded:
-    assert array.values is not None
-    width = array.layout.width
-    cls = CLS_FLOAT if array.layout.cls == CLS_FLOAT else CLS_INT
-    dims = array.dims
-    if base is not None and not _compatible(dims, base.dims):
-        base = None
-    frames: list[tuple[int, bytes]] = []
-    if transform == T_DICT:
-        assert base is not None and base.values is not None
-        values = array.values if limit_rows is None else array.values[: limit_rows * _row(dims)]
-        frame = _compress(planes(values, width), level, planes(base.values, width))
-        return _Coded(transform, scale, [(values.size // _row(dims) if _row(dims) else 0, frame)])
-    previous = 0
-    done = 0
-    for first, rows in _chunks(dims):
-        if limit_rows is not None and done >= limit_rows:
-            break
-        done += rows
-        row = _row(dims)
-        new = array.values[first * row : (first + rows) * row]
-        if base is not None and base.values is not None:
-            old_row = _row(base.dims)
-            old_rows = base.values[first * old_row : min(first + rows, base.dims[0]) * old_row] \
-                if first < base.dims[0] else base.values[:0]
-            pred = predict_rows(old_rows, dims, base.dims, rows, width)
-        else:
-            pred = np.zeros(new.size, dtype=_UINT[width])
-        res = residual(transform, new, pred, width, cls, scale, previous)
-        frames.append((rows, _compress(planes(res, width), level)))
-        if new.size:
-            previous = int(new[-1])
-    return _Coded(transform, scale, frames)
+        return sum(len(f) + 4 for _, f in self.frames)
 
 
 def _row(dims: tuple[int, ...]) -> int:
     return int(np.prod(dims[1:])) if len(dims) > 1 else 1
 
 
-def _best(array: Array, base: Array | None) -> _Coded:
+def _prediction(array: Array, base: Array | None, first: int, rows: int) -> np.ndarray:
+    """The old elements aligned to new rows [first, first + rows) (zeros where none)."""
+    width = array.layout.width
+    if base is None or base.values is None:
+        return np.zeros(rows * _row(array.dims), dtype=_UINT[width])
+    old_row = _row(base.dims)
+    old_rows = base.values[first * old_row : min(first + rows, base.dims[0]) * old_row] \
+        if first < base.dims[0] else base.values[:0]
+    return predict_rows(old_rows, array.dims, base.dims, rows, width)
+
+
+def _cls(layout: Layout) -> int:
+    return CLS_FLOAT if layout.cls == CLS_FLOAT else CLS_INT
+
+
+def _code(array: Array, base: Array | None, transform: int, scale: float, level: int,
+          limit_rows: int | None = None) -> _Coded:
+    assert array.values is not None
+    width, cls, dims = array.layout.width, _cls(array.layout), array.dims
+    if transform == T_DICT:
+        assert base is not None and base.values is not None
+        values = array.values if limit_rows is None else array.values[: limit_rows * _row(dims)]
+        frame = _compress(planes(values, width), level, planes(base.values, width))
+        return _Coded(transform, scale, [(values.size // _row(dims), frame)])
+    frames: list[tuple[int, bytes]] = []
+    previous = done = 0
+    for first, rows in _chunks(dims):
+        if limit_rows is not None and done >= limit_rows:
+            break
+        done += rows
+        new = array.values[first * _row(dims) : (first + rows) * _row(dims)]
+        res = residual(transform, new, _prediction(array, base, first, rows), width, cls, scale, previous)
+        frames.append((rows, _compress(planes(res, width), level)))
+        previous = int(new[-1])
+    return _Coded(transform, scale, frames)
+
+
+def _best(array: Array, base: Array | None, shared: bool) -> _Coded:
+    assert array.values is not None
     candidates = _candidates(array, base)
-    level = _level(array.count * array.layout.width)
-    if len(candidates) > 1 and array.count > SAMPLE_ELEMENTS:
-        # rank on a sample of leading rows at a fast level, then code the winner fully
+    width, cls = array.layout.width, _cls(array.layout)
+    if shared:
+        pred = _prediction(array, base, 0, array.dims[0])
+        best = None
+        for transform, scale in candidates:
+            if transform == T_DICT:
+                continue
+            res = residual(transform, array.values, pred, width, cls, scale)
+            cost = _plane_cost(res, width)
+            if best is None or cost < best[0]:
+                best = (cost, transform, scale, res)
+        assert best is not None
+        return _Coded(best[1], best[2], [], planes(best[3], width))
+    level = _level(array.count * width)
+    if len(candidates) > 1:
+        # rank on leading rows at a fast level, then code only the winner at `level`
         sample_rows = max(1, SAMPLE_ELEMENTS // max(_row(array.dims), 1))
-        ranked = sorted(candidates, key=lambda c: _code(array, base, c[0], c[1], 3, sample_rows).size)
-        candidates = ranked[:1]
-    coded = [_code(array, base, t, s, level) for t, s in candidates]
-    return min(coded, key=lambda c: c.size)
+        candidates = sorted(candidates, key=lambda c: _code(array, base, c[0], c[1], 3, sample_rows).size)[:1]
+    transform, scale = candidates[0]
+    return _code(array, base, transform, scale, level)
 
 
 def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:
@@ -571,12 +631,8 @@ def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     return b"".join(parts)
 
 
-def _header(out: bytearray, old: bytes, new: bytes) -> None:
-    out += MAGIC
-    put_varint(out, len(old))
-    out += hashlib.sha256(old).digest()
-    put_varint(out, len(new))
-    out += hashlib.sha256(new).digest()
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()[:HASH_BYTES]
 
 
 def make(old: bytes, new: bytes) -> bytes:
@@ -584,9 +640,18 @@ def make(old: bytes, new: bytes) -> bytes:
     body = _make_body(old, new, find_arrays(old), new_arrays)
     if new_arrays and len(new) < TRY_PLAIN_BELOW:
         body = min(body, _make_body(old, new, [], []), key=len)
-    out = bytearray()
-    _header(out, old, new)
+    out = bytearray(MAGIC)
+    put_varint(out, len(old))
+    out += _digest(old)
+    put_varint(out, len(new))
+    out += _digest(new)
     return bytes(out) + body
+
+
+def _put_dims(out: bytearray, dims: tuple[int, ...]) -> None:
+    put_varint(out, len(dims))
+    for d in dims:
+        put_varint(out, d)
 
 
 def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list[Array]) -> bytes:
@@ -596,13 +661,17 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
     payload = bytearray()
     rest: list[bytes] = []
     used_old: list[tuple[int, int]] = []
+    shared: dict[int, list[bytes]] = {}  # width -> residual planes of each shared array
+    shared_bytes = 0
     pos = 0
     for array in new_arrays:
         base = old_by_key.get(array.key)
         if base is not None and (base.layout != array.layout or not _compatible(array.dims, base.dims)):
             base = None
-        coded = _best(array, base)
-        if base is not None and coded.transform == T_RAW:
+        nbytes = array.count * array.layout.width
+        in_shared = nbytes <= SMALL_ARRAY_BYTES and shared_bytes + nbytes <= SHARED_MAX_BYTES
+        coded = _best(array, base, in_shared)
+        if coded.transform in (T_RAW, T_PREV):
             base = None
         rest.append(new[pos : array.offset])
         layout = array.layout
@@ -610,9 +679,7 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
             put_varint(table, value)
         table += layout.tag
         put_varint(table, array.count)
-        put_varint(table, len(array.dims))
-        for d in array.dims:
-            put_varint(table, d)
+        _put_dims(table, array.dims)
         put_varint(table, coded.transform)
         if base is None:
             put_varint(table, 0)
@@ -620,25 +687,41 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
             used_old.append((base.offset, base.length))
             put_varint(table, base.offset + 1)
             put_varint(table, base.length)
-            put_varint(table, len(base.dims))
-            for d in base.dims:
-                put_varint(table, d)
+            _put_dims(table, base.dims)
         if coded.transform == T_SCALE:
             table += np.float64(coded.scale).tobytes()
-        put_varint(table, len(coded.frames))
+        put_varint(table, len(coded.frames))  # 0: in the shared frame
+        if in_shared:
+            shared.setdefault(layout.width, []).append(coded.shared)
+            shared_bytes += nbytes
         for rows, frame in coded.frames:
             put_varint(payload, rows)
             put_varint(payload, len(frame))
             payload += frame
         pos = array.offset + array.length
     rest.append(new[pos:])
-    rest_frame = zstd_compress(b"".join(rest), level=REST_LEVEL, dictionary=_without(old, used_old),
-                               long_window=True)
+    rest_data = b"".join(rest)
+    rest_frame = _compress(rest_data, REST_LEVEL, _without(old, used_old))
     body = bytearray(table)
+    put_varint(body, len(rest_data))
     put_varint(body, len(rest_frame))
     body += rest_frame
+    shared_data = b"".join(_shared_planes(shared[w], w) for w in sorted(shared))
+    shared_frame = _compress(shared_data, SMALL_LEVEL) if shared_data else b""
+    put_varint(body, len(shared_frame))
+    body += shared_frame
     body += payload
     return bytes(body)
+
+
+def _shared_planes(arrays: list[bytes], width: int) -> bytes:
+    """Plane k of every array of this width, then plane k + 1...: like bytes together."""
+    parts = []
+    for k in range(width):
+        for data in arrays:
+            n = len(data) // width
+            parts.append(data[k * n : (k + 1) * n])
+    return b"".join(parts)
 
 
 # ------------------------------------------------------------------ applying (streaming)
@@ -739,7 +822,7 @@ def _read_table(reader: Reader, old_size: int, new_size: int) -> list[_Entry]:
         layout = Layout(kind, width, cls, tag)
         count = reader.varint(new_size)
         dims = _read_dims(reader, new_size)
-        if int(np.prod(dims, dtype=object)) != count:
+        if int(np.prod(dims, dtype=object)) != count or count == 0:
             raise reader.fail("shape does not match the element count")
         transform = reader.varint(len(TRANSFORMS) - 1)
         base_offset = reader.varint(old_size) - 1
@@ -751,10 +834,14 @@ def _read_table(reader: Reader, old_size: int, new_size: int) -> list[_Entry]:
                 raise reader.fail("base region lies outside the old model")
             if len(base_dims) != len(dims):
                 raise reader.fail("base of another rank")
+            if layout.kind == KIND_FIXED and int(np.prod(base_dims, dtype=object)) * (width + len(tag)) != base_length:
+                raise reader.fail("base shape does not match its length")
         elif transform not in (T_RAW, T_PREV):
             raise reader.fail("transform needs a base")
         scale = float(np.frombuffer(reader.take(8), dtype=np.float64)[0]) if transform == T_SCALE else 1.0
         frames = reader.varint(new_size)
+        if transform == T_DICT and frames != 1:
+            raise reader.fail("a dictionary-coded array is one frame")
         stride = len(tag) + (width if kind == KIND_FIXED else 1)
         covered += gap + count * stride
         if covered > new_size:  # refuse before allocating what a corrupt table asks for
@@ -779,6 +866,33 @@ class _HashingWriter:
         self.out.write(data)
 
 
+class _Shared:
+    """The shared frame's planes, consumed array by array in table order."""
+
+    def __init__(self, data: bytes, entries: list[_Entry]) -> None:
+        totals: dict[int, int] = {}
+        for e in entries:
+            if e.frames == 0:
+                totals[e.layout.width] = totals.get(e.layout.width, 0) + e.count
+        if sum(w * n for w, n in totals.items()) != len(data):
+            raise PatchError(f"{NAME}: shared frame does not match the table")
+        self.data = data
+        self.start: dict[int, int] = {}
+        self.total = totals
+        self.cursor = dict.fromkeys(totals, 0)
+        pos = 0
+        for width in sorted(totals):
+            self.start[width] = pos
+            pos += width * totals[width]
+
+    def take(self, width: int, count: int) -> np.ndarray:
+        at, n = self.cursor[width], self.total[width]
+        base = self.start[width]
+        planes_ = [self.data[base + k * n + at : base + k * n + at + count] for k in range(width)]
+        self.cursor[width] = at + count
+        return unplanes(b"".join(planes_), width)
+
+
 def _read_exact(stream: zstandard.ZstdDecompressionReader, n: int) -> bytes:
     parts = []
     while n > 0:
@@ -793,15 +907,14 @@ def _read_exact(stream: zstandard.ZstdDecompressionReader, n: int) -> bytes:
 def apply_stream(old: BinaryIO, delta: BinaryIO, out: BinaryIO) -> None:
     """Apply a delta read from `delta` to the model in `old` (seekable), writing the new
     model to `out` front to back. Raises PatchError on anything wrong; `out` then holds
-    partial output the caller must discard."""
+    partial output the caller must discard (`apply_delta_file` does)."""
     reader = _DeltaStream(delta)
-    if reader.take(4) != MAGIC:
+    if reader.take(len(MAGIC)) != MAGIC:
         raise PatchError(f"{NAME}: not a {NAME} delta (bad magic)")
     old_size = reader.varint(MAX_OUTPUT_BYTES)
-    old_digest = reader.take(32)
+    old_digest = reader.take(HASH_BYTES)
     new_size = reader.varint(MAX_OUTPUT_BYTES)
-    new_digest = reader.take(32)
-    base = _OldFile(old, old_size)
+    new_digest = reader.take(HASH_BYTES)
     old.seek(0, io.SEEK_END)
     if old.tell() != old_size:
         raise PatchError(f"{NAME}: delta was made for a different base model")
@@ -809,92 +922,84 @@ def apply_stream(old: BinaryIO, delta: BinaryIO, out: BinaryIO) -> None:
     digest = hashlib.sha256()
     for piece in iter(lambda: old.read(1 << 20), b""):
         digest.update(piece)
-    if digest.digest() != old_digest:
+    if digest.digest()[:HASH_BYTES] != old_digest:
         raise PatchError(f"{NAME}: delta was made for a different base model")
+    base = _OldFile(old, old_size)
 
     entries = _read_table(reader, old_size, new_size)
     spans = sorted((e.base_offset, e.base_length) for e in entries if e.base_offset >= 0)
     if any(a + n > b for (a, n), (b, _) in itertools.pairwise(spans)):
         raise PatchError(f"{NAME}: overlapping base regions")
+    rest_size = reader.varint(new_size)
     rest_frame = reader.take(reader.varint(MAX_OUTPUT_BYTES))
-    dictionary = base.without(spans)
-    params = _frame_params(rest_frame, new_size)
+    shared_frame = reader.take(reader.varint(MAX_OUTPUT_BYTES))
+    shared_size = sum(e.count * e.layout.width for e in entries if e.frames == 0)
+    if shared_size > SHARED_MAX_BYTES:
+        raise reader.fail("shared frame larger than the format allows")
+    shared = _Shared(_decompress(shared_frame, shared_size) if shared_frame else b"", entries)
     writer = _HashingWriter(out, new_size)
     try:
-        rest = zstd_decompressor(dictionary).stream_reader(rest_frame, read_across_frames=False)
+        rest = _decompressor(base.without(spans)).stream_reader(rest_frame, read_across_frames=False)
         for entry in entries:
             writer.write(_read_exact(rest, entry.gap))
-            _apply_array(entry, reader, base, writer)
-        tail = params.content_size - rest.tell()
-        writer.write(_read_exact(rest, tail))
-        if rest.read(1):
-            raise PatchError(f"{NAME}: rest stream longer than its frame says")
+            _apply_array(entry, reader, base, writer, shared)
+        writer.write(_read_exact(rest, rest_size - rest.tell()) if rest_size >= rest.tell() else b"")
+        if rest.tell() != rest_size or rest.read(1):
+            raise PatchError(f"{NAME}: rest stream longer than the table says")
     except zstandard.ZstdError as exc:
         raise PatchError(f"{NAME}: corrupt rest stream: {exc}") from exc
     reader.done()
-    if writer.size != new_size or writer.hash.digest() != new_digest:
+    if writer.size != new_size or writer.hash.digest()[:HASH_BYTES] != new_digest:
         raise PatchError(f"{NAME}: patched result does not match the delta's sha256")
 
 
-def _frame_params(frame: bytes, new_size: int) -> zstandard.FrameParameters:
-    try:
-        params = zstandard.get_frame_parameters(frame)
-    except zstandard.ZstdError as exc:
-        raise PatchError(f"{NAME}: rest is not a zstd frame: {exc}") from exc
-    if params.content_size > new_size or not params.has_checksum:
-        raise PatchError(f"{NAME}: rest frame without checksum or larger than the model")
-    return params
-
-
-def _apply_array(entry: _Entry, reader: Reader, base: _OldFile, writer: _HashingWriter) -> None:
+def _apply_array(entry: _Entry, reader: Reader, base: _OldFile, writer: _HashingWriter,
+                 shared: _Shared) -> None:
     layout = entry.layout
-    width = layout.width
-    cls = CLS_FLOAT if layout.cls == CLS_FLOAT else CLS_INT
-    row = _row(entry.dims)
-    old_row = _row(entry.base_dims)
+    width, cls = layout.width, _cls(layout)
+    row, old_row = _row(entry.dims), _row(entry.base_dims)
     old_values: np.ndarray | None = None
-    if entry.base_offset >= 0:
+    if entry.base_offset >= 0 and (entry.frames <= 1 or layout.kind == KIND_VARINT or layout.tag):
+        # small, dictionary, varint or tagged bases are decoded whole (they are not
+        # addressable by element, or small); large fixed-width ones are read by rows
         old_count = int(np.prod(entry.base_dims, dtype=object))
-        if entry.transform == T_DICT or layout.kind == KIND_VARINT or layout.tag:
-            # varint/tagged bases are not addressable by element: decode the whole base
-            old_values = _decode_checked(base.read(entry.base_offset, entry.base_length), layout, old_count)
+        old_values = _decode_checked(base.read(entry.base_offset, entry.base_length), layout, old_count)
+
+    def prediction(first: int, rows: int) -> np.ndarray:
+        if entry.base_offset < 0:
+            return np.zeros(rows * row, dtype=_UINT[width])
+        have = max(0, min(first + rows, entry.base_dims[0]) - first)
+        if old_values is not None:
+            old_rows = old_values[first * old_row : (first + have) * old_row]
+        else:
+            old_rows = np.frombuffer(
+                base.read(entry.base_offset + first * old_row * width, have * old_row * width),
+                dtype=_UINT[width])
+        return predict_rows(old_rows, entry.dims, entry.base_dims, rows, width)
+
+    if entry.frames == 0:
+        res = shared.take(width, entry.count)
+        writer.write(encode(restore(entry.transform, res, prediction(0, entry.dims[0]), width, cls,
+                                    entry.scale), layout))
+        return
     if entry.transform == T_DICT:
         assert old_values is not None
         rows = reader.varint(entry.dims[0])
         frame = reader.take(reader.varint(MAX_OUTPUT_BYTES))
-        if entry.frames != 1 or rows != entry.dims[0]:
-            raise reader.fail("dictionary-coded array must be one frame")
-        data = zstd_decompress_checked(frame, max_size=entry.count * width, what=NAME,
-                                       decompressor=zstd_decompressor(planes(old_values, width)))
-        values = unplanes(data, width)
-        if values.size != entry.count:
-            raise PatchError(f"{NAME}: array has the wrong number of elements")
+        if rows != entry.dims[0]:
+            raise reader.fail("dictionary-coded frame must cover the array")
+        values = unplanes(_decompress(frame, entry.count * width, planes(old_values, width)), width)
         writer.write(encode(values, layout))
         return
-    first = 0
-    previous = 0
+    first = previous = 0
     for _ in range(entry.frames):
         rows = reader.varint(entry.dims[0])
         frame = reader.take(reader.varint(MAX_OUTPUT_BYTES))
-        if first + rows > entry.dims[0]:
-            raise reader.fail("frames cover more rows than the array has")
-        res = unplanes(zstd_decompress_checked(frame, max_size=rows * row * width, what=NAME), width)
-        if res.size != rows * row:
-            raise PatchError(f"{NAME}: frame has the wrong number of elements")
-        if entry.base_offset >= 0:
-            have = max(0, min(first + rows, entry.base_dims[0]) - first)
-            if old_values is not None:
-                old_rows = old_values[first * old_row : (first + have) * old_row]
-            else:
-                old_rows = np.frombuffer(
-                    base.read(entry.base_offset + first * old_row * width, have * old_row * width),
-                    dtype=_UINT[width])
-            pred = predict_rows(old_rows, entry.dims, entry.base_dims, rows, width)
-        else:
-            pred = np.zeros(res.size, dtype=_UINT[width])
-        values = restore(entry.transform, res, pred, width, cls, entry.scale, previous)
-        if values.size:
-            previous = int(values[-1])
+        if rows == 0 or first + rows > entry.dims[0]:
+            raise reader.fail("frames do not tile the array's rows")
+        res = unplanes(_decompress(frame, rows * row * width), width)
+        values = restore(entry.transform, res, prediction(first, rows), width, cls, entry.scale, previous)
+        previous = int(values[-1])
         writer.write(encode(values, layout))
         first += rows
     if first != entry.dims[0]:
@@ -918,4 +1023,3 @@ def apply(old: bytes, delta: bytes) -> bytes:
     out = io.BytesIO()
     apply_stream(io.BytesIO(old), io.BytesIO(delta), out)
     return out.getvalue()
-
