@@ -211,3 +211,17 @@ def test_large_array_is_chunked_and_round_trips(monkeypatch) -> None:
     new = _model({"w": w2, "flat": w.reshape(-1)[:-5]}, [], [])
     delta = make_delta(CODEC, old, new)
     assert apply_delta(CODEC, old, delta) == new
+
+
+def test_zstd_patch_prefix_path_finds_matches_across_the_whole_old_model(monkeypatch) -> None:
+    """Above PATCH_PREFIX_ABOVE the old model is referenced as a prefix (what the zstd CLI
+    does); the frame is a plain zstd frame that today's devices decode unchanged."""
+    from mledge_update import _wire
+
+    monkeypatch.setattr(_wire, "PATCH_PREFIX_ABOVE", 0)
+    rng = np.random.default_rng(5)
+    old = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    new = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes() + old[: len(old) // 2] + b"tail" + old[len(old) // 2 :]
+    delta = make_delta("zstd-patch", old, new)
+    assert apply_delta("zstd-patch", old, delta) == new
+    assert len(delta) < 4096 + 2000

@@ -602,12 +602,15 @@ def _best(array: Array, base: Array | None, shared: bool) -> _Coded:
     width, cls = array.layout.width, _cls(array.layout)
     if shared:
         pred = _prediction(array, base, 0, array.dims[0])
+        # The shared frame has the old arrays' planes as dictionary, so a candidate's cost
+        # is its size coded against its own base (raw trees find the old trees' bytes)
+        dictionary = planes(base.values, width) if base is not None and base.values is not None else b""
         best = None
         for transform, scale in candidates:
             if transform == T_DICT:
                 continue
             res = residual(transform, array.values, pred, width, cls, scale)
-            cost = _plane_cost(res, width)
+            cost = len(_compress(planes(res, width), 3, dictionary)) if dictionary else _plane_cost(res, width)
             if best is None or cost < best[0]:
                 best = (cost, transform, scale, res)
         assert best is not None
@@ -662,6 +665,7 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
     rest: list[bytes] = []
     used_old: list[tuple[int, int]] = []
     shared: dict[int, list[bytes]] = {}  # width -> residual planes of each shared array
+    shared_dict: dict[int, list[bytes]] = {}  # width -> planes of each one's old array
     shared_bytes = 0
     pos = 0
     for array in new_arrays:
@@ -671,8 +675,8 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
         nbytes = array.count * array.layout.width
         in_shared = nbytes <= SMALL_ARRAY_BYTES and shared_bytes + nbytes <= SHARED_MAX_BYTES
         coded = _best(array, base, in_shared)
-        if coded.transform in (T_RAW, T_PREV):
-            base = None
+        if coded.transform in (T_RAW, T_PREV) and not in_shared:
+            base = None  # its bytes stay in the rest stream's dictionary
         rest.append(new[pos : array.offset])
         layout = array.layout
         for value in (array.offset - pos, layout.kind, layout.width, layout.cls, len(layout.tag)):
@@ -693,6 +697,8 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
         put_varint(table, len(coded.frames))  # 0: in the shared frame
         if in_shared:
             shared.setdefault(layout.width, []).append(coded.shared)
+            shared_dict.setdefault(layout.width, []).append(
+                planes(base.values, layout.width) if base is not None and base.values is not None else b"")
             shared_bytes += nbytes
         for rows, frame in coded.frames:
             put_varint(payload, rows)
@@ -707,7 +713,8 @@ def _make_body(old: bytes, new: bytes, old_arrays: list[Array], new_arrays: list
     put_varint(body, len(rest_frame))
     body += rest_frame
     shared_data = b"".join(_shared_planes(shared[w], w) for w in sorted(shared))
-    shared_frame = _compress(shared_data, SMALL_LEVEL) if shared_data else b""
+    dictionary = b"".join(_shared_planes(shared_dict[w], w) for w in sorted(shared_dict))
+    shared_frame = _compress(shared_data, SMALL_LEVEL, dictionary) if shared_data else b""
     put_varint(body, len(shared_frame))
     body += shared_frame
     body += payload
@@ -877,6 +884,7 @@ class _Shared:
         if sum(w * n for w, n in totals.items()) != len(data):
             raise PatchError(f"{NAME}: shared frame does not match the table")
         self.data = data
+        self.bases: Iterator[np.ndarray | None] = iter(())
         self.start: dict[int, int] = {}
         self.total = totals
         self.cursor = dict.fromkeys(totals, 0)
@@ -936,7 +944,13 @@ def apply_stream(old: BinaryIO, delta: BinaryIO, out: BinaryIO) -> None:
     shared_size = sum(e.count * e.layout.width for e in entries if e.frames == 0)
     if shared_size > SHARED_MAX_BYTES:
         raise reader.fail("shared frame larger than the format allows")
-    shared = _Shared(_decompress(shared_frame, shared_size) if shared_frame else b"", entries)
+    shared_bases = [_base_values(e, base) for e in entries if e.frames == 0]
+    by_width: dict[int, list[bytes]] = {}
+    for e, values in zip((e for e in entries if e.frames == 0), shared_bases, strict=True):
+        by_width.setdefault(e.layout.width, []).append(b"" if values is None else planes(values, e.layout.width))
+    dictionary = b"".join(_shared_planes(by_width[w], w) for w in sorted(by_width))
+    shared = _Shared(_decompress(shared_frame, shared_size, dictionary) if shared_frame else b"", entries)
+    shared.bases = iter(shared_bases)
     writer = _HashingWriter(out, new_size)
     try:
         rest = _decompressor(base.without(spans)).stream_reader(rest_frame, read_across_frames=False)
@@ -959,11 +973,12 @@ def _apply_array(entry: _Entry, reader: Reader, base: _OldFile, writer: _Hashing
     width, cls = layout.width, _cls(layout)
     row, old_row = _row(entry.dims), _row(entry.base_dims)
     old_values: np.ndarray | None = None
-    if entry.base_offset >= 0 and (entry.frames <= 1 or layout.kind == KIND_VARINT or layout.tag):
-        # small, dictionary, varint or tagged bases are decoded whole (they are not
-        # addressable by element, or small); large fixed-width ones are read by rows
-        old_count = int(np.prod(entry.base_dims, dtype=object))
-        old_values = _decode_checked(base.read(entry.base_offset, entry.base_length), layout, old_count)
+    if entry.frames == 0:
+        old_values = next(shared.bases)
+    elif entry.base_offset >= 0 and (entry.frames == 1 or layout.kind == KIND_VARINT or layout.tag):
+        # dictionary, varint or tagged bases are decoded whole (not addressable by
+        # element); large fixed-width ones are read row by row
+        old_values = _base_values(entry, base)
 
     def prediction(first: int, rows: int) -> np.ndarray:
         if entry.base_offset < 0:
@@ -1004,6 +1019,13 @@ def _apply_array(entry: _Entry, reader: Reader, base: _OldFile, writer: _Hashing
         first += rows
     if first != entry.dims[0]:
         raise PatchError(f"{NAME}: frames do not cover the array")
+
+
+def _base_values(entry: _Entry, base: _OldFile) -> np.ndarray | None:
+    if entry.base_offset < 0:
+        return None
+    old_count = int(np.prod(entry.base_dims, dtype=object))
+    return _decode_checked(base.read(entry.base_offset, entry.base_length), entry.layout, old_count)
 
 
 def _decode_checked(data: bytes, layout: Layout, count: int) -> np.ndarray:
