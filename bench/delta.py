@@ -29,6 +29,7 @@ reach, not a theorem: context models can beat it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "update_format"))
 
 from mledge_update import onnx_delta
 from mledge_update._wire import zstd_compress
-from mledge_update.codecs import SUPPORTED_CODECS, apply_delta_file, encode_full, make_delta
+from mledge_update.codecs import SUPPORTED_CODECS, encode_full, make_delta
 
 VIBRATION_FEATURES = ["rms", "peak", "crest_factor", "kurtosis", "band_low", "band_mid", "band_high", "temperature"]
 EXTERNAL = ("bsdiff4", "zstd-cli", "hdiffpatch", "xdelta3", "detools")
@@ -154,7 +155,7 @@ def _drift(w: np.ndarray, rng: np.random.Generator, rel: float) -> np.ndarray:
 
 def _mlp_weights(sizes: list[int], rng: np.random.Generator) -> dict[str, np.ndarray]:
     weights = {}
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:], strict=False)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         weights[f"w{i}"] = (rng.normal(0, 1 / np.sqrt(a), (a, b))).astype(np.float32)
         weights[f"b{i}"] = rng.normal(0, 0.01, b).astype(np.float32)
     return weights
@@ -194,7 +195,7 @@ def _cnn_model(weights: dict[str, np.ndarray], quantized: bool) -> bytes:
     from onnx import helper
 
     nodes, prev, init = [], "input", {}
-    for i, name in enumerate(["c0", "c1", "c2", "c3", "c4"]):
+    for name in ["c0", "c1", "c2", "c3", "c4"]:
         w = weights[name]
         wname = name
         if quantized:  # int8 per-output-channel weights behind DequantizeLinear (QDQ)

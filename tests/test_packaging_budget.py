@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import random
 
-from chalicelib.config import PackagingConfig
-from chalicelib.delta_budget import build_deltas, estimate, ordered_codecs
 from mledge_update.codecs import SUPPORTED_CODECS, apply_delta, encode_full
 from mledge_update.hashing import sha256_hex
+
+from chalicelib.config import PackagingConfig
+from chalicelib.delta_budget import build_deltas, estimate, ordered_codecs
 
 
 def _pair(related: bool = True) -> tuple[bytes, bytes]:
