@@ -584,11 +584,9 @@ def _code(array: Array, base: Array | None, transform: int, scale: float, level:
         frame = _compress(planes(values, width), level, planes(base.values, width))
         return _Coded(transform, scale, [(values.size // _row(dims), frame)])
     frames: list[tuple[int, bytes]] = []
-    previous = done = 0
-    for first, rows in _chunks(dims):
-        if limit_rows is not None and done >= limit_rows:
-            break
-        done += rows
+    previous = 0
+    spans = list(_chunks(dims)) if limit_rows is None else [(0, min(limit_rows, dims[0]))]
+    for first, rows in spans:
         new = array.values[first * _row(dims) : (first + rows) * _row(dims)]
         res = residual(transform, new, _prediction(array, base, first, rows), width, cls, scale, previous)
         frames.append((rows, _compress(planes(res, width), level)))
