@@ -59,7 +59,7 @@ SMALL_LEVEL = 19
 LARGE_LEVEL = 6
 LARGE_ARRAY_BYTES = 1 << 20
 # Chunk size in elements: bounds the applying process's working set to a few copies of this.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 MIN_REGION_BYTES = 32
 # Candidates are compared on a sample this long (elements) for large arrays.
 SAMPLE_ELEMENTS = 1 << 17
