@@ -21,7 +21,10 @@ well sampled, else per byte plane), plus zstd-19 of the bytes around the arrays 
 old file as dictionary. It is an estimate of what an order-0 coder of the residuals can
 reach, not a theorem: context models can beat it.
 
-    python bench/delta.py                          # all pairs, several minutes on 2 cores
+    python bench/delta.py                          # all pairs, ~30 minutes on 2 busy cores
+
+External tools: bsdiff4, detools and hdiffpatch are Python packages (requirements-dev.txt);
+`zstd` and `xdelta3` are command-line tools (`apt-get install zstd xdelta3`).
     python bench/delta.py --pairs kmeans,rf-warm --json out.json
     python bench/delta.py --large-mb 100           # the large pair at 100 MB
 """

@@ -39,10 +39,14 @@ class CodecCost:
 
 # Ordered by expected gain: the first codecs give the smallest deltas on ONNX models.
 CODEC_COSTS: dict[str, CodecCost] = {
-    "onnx-delta-2": CodecCost(seconds_per_mb=0.6, memory_per_mb=4.0, memory_fixed_mb=40),
-    "zstd-patch": CodecCost(seconds_per_mb=1.0, memory_per_mb=6.0, memory_fixed_mb=200),
-    "onnx-xor-planes": CodecCost(seconds_per_mb=0.5, memory_per_mb=6.0, memory_fixed_mb=20),
-    "bsdiff4": CodecCost(seconds_per_mb=2.0, memory_per_mb=9.0, slow=True),
+    # 20 MB float model: 4.7 s for 40 MB of old + new (bench/apply_memory.py), x2 margin
+    "onnx-delta-2": CodecCost(seconds_per_mb=0.25, memory_per_mb=2.0, memory_fixed_mb=60),
+    # level 19 below 16 MB of old + new (~0.3 s/MB), prefix at level 9 above (~0.07 s/MB)
+    "zstd-patch": CodecCost(seconds_per_mb=0.4, memory_per_mb=3.0, memory_fixed_mb=400),
+    # level-19 byte planes: 71 s for the 20 MB pair
+    "onnx-xor-planes": CodecCost(seconds_per_mb=2.0, memory_per_mb=6.0, memory_fixed_mb=20),
+    # suffix sorting, ~17x the old model
+    "bsdiff4": CodecCost(seconds_per_mb=1.5, memory_per_mb=9.0, slow=True),
 }
 UNKNOWN_COST = CodecCost(seconds_per_mb=2.0, memory_per_mb=17.0, slow=True)
 BASELINE_CODEC = "bsdiff4"

@@ -174,6 +174,12 @@ register_codec(
 
 FULL_ENCODINGS: tuple[str, ...] = ("identity", "zstd")
 ZSTD_FULL_LEVEL = 19
+# Level 19 runs at ~1 MB/s; above this size the packager would spend minutes of its Lambda
+# on it for a percent or two (weights are near-random bytes that only entropy coding
+# shrinks, which every level does), so larger models use ZSTD_FULL_LARGE_LEVEL. Decoding
+# does not depend on the level.
+ZSTD_FULL_LEVEL_MAX_BYTES = 16 << 20
+ZSTD_FULL_LARGE_LEVEL = 9
 
 
 def encode_full(encoding: str, data: bytes) -> bytes:
@@ -181,8 +187,9 @@ def encode_full(encoding: str, data: bytes) -> bytes:
     if encoding == "identity":
         return bytes(data)
     if encoding == "zstd":
+        level = ZSTD_FULL_LEVEL if len(data) <= ZSTD_FULL_LEVEL_MAX_BYTES else ZSTD_FULL_LARGE_LEVEL
         compressor = zstandard.ZstdCompressor(
-            level=ZSTD_FULL_LEVEL, write_checksum=True, write_content_size=True
+            level=level, write_checksum=True, write_content_size=True
         )
         return compressor.compress(data)
     raise UnknownCodecError(f"unknown full-model encoding {encoding!r}; known: {list(FULL_ENCODINGS)}")
