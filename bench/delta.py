@@ -22,11 +22,12 @@ old file as dictionary. It is an estimate of what an order-0 coder of the residu
 reach, not a theorem: context models can beat it.
 
     python bench/delta.py                          # all pairs, ~30 minutes on 2 busy cores
+    python bench/delta.py --pairs kmeans,rf-warm+8 --json out.json
+    python bench/delta.py --large-mb 100           # the large pair at 100 MB
 
 External tools: bsdiff4, detools and hdiffpatch are Python packages (requirements-dev.txt);
-`zstd` and `xdelta3` are command-line tools (`apt-get install zstd xdelta3`).
-    python bench/delta.py --pairs kmeans,rf-warm --json out.json
-    python bench/delta.py --large-mb 100           # the large pair at 100 MB
+`zstd` and `xdelta3` are command-line tools (`apt-get install zstd xdelta3`); a tool that
+is not installed is reported as such.
 """
 
 from __future__ import annotations
@@ -422,6 +423,8 @@ def run_pair(name: str, old: bytes, new: bytes, codecs: list[str], tools: list[s
             run.note = f"timeout {timeout:.0f} s"
         except subprocess.CalledProcessError as exc:
             run.note = f"failed: {(exc.stderr or b'')[-200:]!r}"
+        except (FileNotFoundError, ModuleNotFoundError) as exc:
+            run.note = f"not installed ({exc})"
         row.runs[column] = run
         print(f"# {name}: {column} {run.size or run.note}", file=sys.stderr, flush=True)
     return row
