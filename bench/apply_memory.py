@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codecs", default="onnx-delta-2,onnx-xor-planes,zstd-patch")
     args = parser.parse_args(argv)
     codecs = [c for c in args.codecs.split(",") if c]
-    print("| model MB | codec | delta MB | make s | apply s | peak MB above start | process peak MB | target (model + 32) |")
+    print("| model MB | codec | delta MB | make s | apply s | peak MB above start | process peak MB "
+          "| target (model + 32) |")
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="mledge-apply-mem-") as tmp:
         work = Path(tmp)

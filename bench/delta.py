@@ -105,7 +105,8 @@ def pair_pipeline() -> tuple[bytes, bytes]:
 
     x, y = _digits()
     def fit(rows: int):
-        return make_pipeline(StandardScaler(), PCA(32, random_state=0), LogisticRegression(max_iter=300)).fit(x[:rows], y[:rows])
+        pipeline = make_pipeline(StandardScaler(), PCA(32, random_state=0), LogisticRegression(max_iter=300))
+        return pipeline.fit(x[:rows], y[:rows])
     return _export(fit(1000), 64, "pipeline", 1), _export(fit(1500), 64, "pipeline", 2)
 
 
@@ -185,7 +186,8 @@ def pair_mlp_mb(megabytes: float, frozen: int = 0, dtype=np.float32) -> tuple[by
     sizes = [256, width, width, width, width, 10]
     old = {k: v.astype(dtype) for k, v in _mlp_weights(sizes, rng).items()}
     new = {k: (v if int(k[1:]) < frozen else _drift(v, rng, 1e-3)) for k, v in old.items()}
-    return _graph_model(old, _mlp_nodes(len(sizes) - 1), 10, 256), _graph_model(new, _mlp_nodes(len(sizes) - 1), 10, 256)
+    nodes = _mlp_nodes(len(sizes) - 1)
+    return _graph_model(old, nodes, 10, 256), _graph_model(new, nodes, 10, 256)
 
 
 def _cnn(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -206,7 +208,8 @@ def _cnn_model(weights: dict[str, np.ndarray], quantized: bool) -> bytes:
             init[f"{name}_q"] = np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
             init[f"{name}_s"] = scale
             init[f"{name}_z"] = np.zeros(w.shape[0], np.int8)
-            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"], [f"{name}_w"], axis=0))
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_z"],
+                                          [f"{name}_w"], axis=0))
             wname = f"{name}_w"
         else:
             init[name] = w
@@ -238,7 +241,8 @@ def pair_resized() -> tuple[bytes, bytes]:
     new_head = np.hstack([_drift(head, rng, 1e-4), rng.normal(0, 0.1, (64, 1)).astype(np.float32)])
 
     def model(e: np.ndarray, h: np.ndarray) -> bytes:
-        nodes = [helper.make_node("Gather", ["emb", "input"], ["x"]), helper.make_node("MatMul", ["x", "head"], ["scores"])]
+        nodes = [helper.make_node("Gather", ["emb", "input"], ["x"]),
+                 helper.make_node("MatMul", ["x", "head"], ["scores"])]
         return _graph_model({"emb": e, "head": h}, nodes, h.shape[1], 1)
     return model(emb, head), model(new_emb, new_head)
 
@@ -347,7 +351,8 @@ _APPLIERS = {
     "mledge": ("from mledge_update.codecs import apply_delta_file",
                "apply_delta_file({codec!r}, {old!r}, {delta!r}, {out!r})"),
     "hdiffpatch": ("import hdiffpatch",
-                   "open({out!r}, 'wb').write(hdiffpatch.apply(open({old!r}, 'rb').read(), open({delta!r}, 'rb').read()))"),
+                   "open({out!r}, 'wb').write(hdiffpatch.apply(open({old!r}, 'rb').read(), "
+                   "open({delta!r}, 'rb').read()))"),
     "detools": ("import detools",
                 "detools.apply_patch_filenames({old!r}, {delta!r}, {out!r})"),
 }
@@ -378,7 +383,8 @@ def _make_external(tool: str, old: Path, new: Path, delta: Path, timeout: float)
         _cli(["xdelta3", "-e", "-f", "-9", "-S", "lzma", "-B", str(max(old.stat().st_size, 1 << 20)),
               "-s", str(old), str(new), str(delta)], timeout)
     else:
-        code = {"hdiffpatch": "import hdiffpatch; open(d,'wb').write(hdiffpatch.diff(open(o,'rb').read(), open(n,'rb').read(), "
+        code = {"hdiffpatch": "import hdiffpatch; open(d,'wb').write(hdiffpatch.diff(open(o,'rb').read(), "
+                              "open(n,'rb').read(), "
                               "hdiffpatch.COMPRESSION_LZMA2, validate=False))",
                 "detools": "import detools; detools.create_patch_filenames(o, n, d, compression='lzma')"}[tool]
         subprocess.run([sys.executable, "-c", f"o, n, d = {str(old)!r}, {str(new)!r}, {str(delta)!r}; {code}"],
@@ -387,9 +393,11 @@ def _make_external(tool: str, old: Path, new: Path, delta: Path, timeout: float)
 
 def _apply_external(tool: str, old: Path, delta: Path, out: Path, timeout: float) -> float:
     if tool == "zstd-cli":
-        return _cli(["zstd", "-q", "-f", "-d", "--long=31", "-M2047MB", f"--patch-from={old}", str(delta), "-o", str(out)], timeout)
+        return _cli(["zstd", "-q", "-f", "-d", "--long=31", "-M2047MB", f"--patch-from={old}", str(delta),
+                     "-o", str(out)], timeout)
     if tool == "xdelta3":
-        return _cli(["xdelta3", "-d", "-f", "-B", str(max(old.stat().st_size, 1 << 20)), "-s", str(old), str(delta), str(out)], timeout)
+        window = str(max(old.stat().st_size, 1 << 20))
+        return _cli(["xdelta3", "-d", "-f", "-B", window, "-s", str(old), str(delta), str(out)], timeout)
     return _python_apply(tool, "", old, delta, out, timeout)
 
 

@@ -75,7 +75,8 @@ def model_pairs(draw: st.DrawFn) -> tuple[bytes, bytes]:
         if change != "gone":
             new_tensors[f"t{index}"] = new
     floats_old = rng.normal(0, 1, draw(st.integers(0, 40))).astype(np.float32).tolist()
-    floats_new = floats_old[: draw(st.integers(0, 40))] + rng.normal(0, 1, draw(st.integers(0, 10))).astype(np.float32).tolist()
+    added = rng.normal(0, 1, draw(st.integers(0, 10))).astype(np.float32).tolist()
+    floats_new = floats_old[: draw(st.integers(0, 40))] + added
     ints_old = rng.integers(-(2**40), 2**40, draw(st.integers(0, 40))).tolist()
     ints_new = [v + int(rng.integers(-1, 2)) for v in ints_old] + rng.integers(0, 5, draw(st.integers(0, 10))).tolist()
     raw = draw(st.booleans())

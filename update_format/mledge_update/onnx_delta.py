@@ -434,7 +434,8 @@ def predict_rows(old_rows: np.ndarray, new_dims: tuple[int, ...], old_dims: tupl
         pred[: have * new_row] = old_rows
         return pred
     sub = tuple(slice(0, m) for m in inner)
-    pred.reshape((rows, *new_dims[1:]))[(slice(0, have), *sub)] = old_rows.reshape((have, *old_dims[1:]))[(slice(None), *sub)]
+    shared_block = old_rows.reshape((have, *old_dims[1:]))[(slice(None), *sub)]
+    pred.reshape((rows, *new_dims[1:]))[(slice(0, have), *sub)] = shared_block
     return pred
 
 
