@@ -145,7 +145,7 @@ def zstd_compress_patch(data: bytes, old: bytes, *, level: int) -> bytes:
 
 def _prefix_api():
     try:
-        from zstandard import _cffi  # the cffi backend ships in every zstandard wheel
+        from zstandard import _cffi  # type: ignore[attr-defined]  # cffi backend, in every wheel
     except ImportError:  # pragma: no cover - then the dictionary path is used
         return None
     return _cffi if hasattr(_cffi.lib, "ZSTD_CCtx_refPrefix") else None

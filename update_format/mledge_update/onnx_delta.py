@@ -342,7 +342,7 @@ def _ordered(bits: np.ndarray, width: int, cls: int) -> np.ndarray:
 def _unordered(ordered: np.ndarray, width: int, cls: int) -> np.ndarray:
     if cls != CLS_FLOAT:
         return ordered
-    sign = _UINT[width](1 << (8 * width - 1))
+    sign = np.array(1 << (8 * width - 1), dtype=_UINT[width])
     return np.where(ordered & sign, ordered & ~sign, ~ordered)
 
 
@@ -372,7 +372,7 @@ def residual(transform: int, new: np.ndarray, pred: np.ndarray, width: int, cls:
     if transform == T_SCALE:
         pred = _scaled(pred, width, scale)
     if transform == T_PREV:
-        pred = np.concatenate(([_UINT[width](first_prev)], new[:-1])).astype(_UINT[width])
+        pred = np.concatenate((np.array([first_prev], dtype=_UINT[width]), new[:-1]))
     with np.errstate(over="ignore"):
         diff = _ordered(new, width, cls) - _ordered(pred, width, cls)
     return _zigzag(diff, width)
