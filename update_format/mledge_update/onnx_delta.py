@@ -63,7 +63,7 @@ CHUNK_ELEMENTS = 1 << 18
 MIN_REGION_BYTES = 32
 # Candidates are compared on a sample this long (elements) for large arrays.
 SAMPLE_ELEMENTS = 1 << 17
-DICT_MAX_BYTES = 16 << 20
+DICT_MAX_BYTES = 1 << 20  # zstd with a larger dictionary costs seconds per array
 TRY_PLAIN_BELOW = 1 << 20
 # Arrays up to this size share one frame (a frame costs ~10 bytes and its entropy tables
 # more: a forest of 60 small trees would pay that 700 times); the shared stream is held
