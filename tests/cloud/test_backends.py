@@ -11,17 +11,16 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from mledge_update.events import LOCAL_TRAINING_SOURCE, SAGEMAKER_DETAIL_TYPE
+from mledge_update.naming import make_job_name, parse_job_name
 
 from chalicelib import layout
 from chalicelib.backends import (
-    LOCAL_EVENT_SOURCE,
     BackendConfigError,
     BatchBackend,
     LocalBackend,
     SageMakerBackend,
     TrainingRequest,
-    make_job_name,
-    parse_job_name,
     training_hyperparameters,
     wait_for_local_job,
 )
@@ -198,7 +197,7 @@ def local_events(aws):
     arn = aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
         "Attributes"]["QueueArn"]
     aws.events.put_rule(Name="local-training", EventPattern=json.dumps(
-        {"source": [LOCAL_EVENT_SOURCE], "detail-type": ["SageMaker Training Job State Change"]}))
+        {"source": [LOCAL_TRAINING_SOURCE], "detail-type": [SAGEMAKER_DETAIL_TYPE]}))
     aws.events.put_targets(Rule="local-training", Targets=[{"Id": "q", "Arn": arn}])
 
     def receive() -> list[dict[str, Any]]:
@@ -239,7 +238,7 @@ def test_local_backend_lays_out_the_contract_and_emits_a_sagemaker_shaped_event(
     assert seen["train_files"] == [raw_key]  # SageMaker keeps the key below the prefix
 
     [event] = local_events()
-    assert event["source"] == LOCAL_EVENT_SOURCE
+    assert event["source"] == LOCAL_TRAINING_SOURCE
     assert event["detail-type"] == "SageMaker Training Job State Change"
     detail = event["detail"]
     assert detail["TrainingJobName"] == started.job_name

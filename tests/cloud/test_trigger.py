@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 
 import pytest
 from chalice.test import Client
+from mledge_update.naming import parse_job_name
 
 from chalicelib import layout
-from chalicelib.backends import BackendError, parse_job_name
+from chalicelib.backends import BackendError
 from chalicelib.config import UnknownModelError
 from chalicelib.registry import Registry, Status
 from chalicelib.settings import Settings

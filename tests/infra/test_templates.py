@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+from mledge_update.topics import TELEMETRY_ROOT, TELEMETRY_RULE_SQL, jobs_topic_root
 
 from chalicelib.config import load_pipeline_config
 from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
@@ -22,10 +23,6 @@ from tests.infra.support import (
     load_template,
 )
 
-BRIEF_RULE_SQL = (
-    "SELECT *, topic(3) AS model, topic(4) AS thing, topic(5) AS type, "
-    "timestamp() AS received_at FROM 'dt/mledge/+/+/+'"
-)
 THING = "${!iot:Connection.Thing.ThingName}"
 ARN_PREFIX = "arn:${AWS::Partition}:iot:${AWS::Region}:${AWS::AccountId}:"
 
@@ -105,7 +102,7 @@ def test_one_thing_group_per_configured_model(pipeline) -> None:
 
 def test_topic_rule_sends_the_brief_sql_to_the_telemetry_queue(pipeline) -> None:
     payload = pipeline["Resources"]["TelemetryTopicRule"]["Properties"]["TopicRulePayload"]
-    assert " ".join(payload["Sql"].split()) == BRIEF_RULE_SQL
+    assert " ".join(payload["Sql"].split()) == TELEMETRY_RULE_SQL
     assert payload["AwsIotSqlVersion"] == "2016-03-23"
     (action,) = payload["Actions"]
     assert action["Sqs"]["QueueUrl"] == {"Ref": "TelemetryQueue"}
@@ -128,10 +125,10 @@ def test_device_policy_confines_each_device_to_its_own_topics(pipeline) -> None:
         for action in as_list(statement["Action"]):
             resources = {sub_text(r).removeprefix(ARN_PREFIX) for r in as_list(statement["Resource"])}
             granted.setdefault(action, set()).update(resources)
-    jobs = f"$aws/things/{THING}/jobs/*"
+    jobs = f"{jobs_topic_root(THING)}/*"
     assert granted == {
         "iot:Connect": {f"client/{THING}"},
-        "iot:Publish": {f"topic/dt/mledge/*/{THING}/*", f"topic/{jobs}"},
+        "iot:Publish": {f"topic/{TELEMETRY_ROOT}/*/{THING}/*", f"topic/{jobs}"},
         "iot:Subscribe": {f"topicfilter/{jobs}"},
         "iot:Receive": {f"topic/{jobs}"},
     }

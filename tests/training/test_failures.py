@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mledge_update.families import FAMILIES, FAMILY_METRICS
 from threadpoolctl import threadpool_limits
 from trainer import synthetic
 from trainer.entrypoint import main
-from trainer.families import family_names, get_family
+from trainer.errors import UnknownFamilyError
+from trainer.families import family_class, family_names, get_family
 
 EXIT_HYPERPARAMETERS, EXIT_DATA, EXIT_CHAMPION = 3, 4, 5
 
@@ -203,3 +205,16 @@ def test_unexpected_error_is_reported_as_internal(tmp_path: Path, vibration, mon
 def test_registry_lists_the_families():
     assert family_names() == ("classifier", "kmeans_anomaly")
     assert get_family("classifier").metrics == ("accuracy", "macro_f1")
+
+
+def test_every_contract_family_has_a_trainer_with_the_contract_metrics():
+    for name in FAMILIES:
+        family = family_class(name)
+        assert family.name == name
+        assert family.metrics == FAMILY_METRICS[name]
+
+
+def test_a_family_the_contract_does_not_list_is_unknown():
+    for name in ("base", "__init__", "nope", ""):
+        with pytest.raises(UnknownFamilyError, match="unknown family"):
+            get_family(name)

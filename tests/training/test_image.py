@@ -39,6 +39,7 @@ def test_dockerfile_pins_the_base_and_keeps_the_sagemaker_contract():
     assert base and re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base[1])
     assert 'CMD ["train"]' in text and not re.search(r"^ENTRYPOINT", text, re.M)  # Batch: own command
     assert "COPY trainer_batch ./trainer_batch" in text
+    assert "COPY --from=contract mledge_update /opt/contract/mledge_update" in text  # families
     assert "MLEDGE_TRAINING_BASE_DIR=/opt/ml" in text
     assert "pip install --no-cache-dir -r requirements.txt" in text
     assert "PIP_CONSTRAINT=/opt/program/constraints.txt" in text
