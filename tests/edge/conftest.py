@@ -1,5 +1,5 @@
 """Fixtures of the edge tests: a real mosquitto (plain and mutual TLS), an artifact
-HTTP server, and the IoT Jobs fake on the broker."""
+HTTP server, and IoT Jobs on the broker."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from tests.edge.support import (
     ArtifactServer,
     Broker,
-    FakeIotJobs,
+    IotJobsOnBroker,
     free_port,
     make_tls_files,
     run_mosquitto,
@@ -43,8 +43,8 @@ def artifacts() -> Iterator[ArtifactServer]:
 
 
 @pytest.fixture
-def iot(mosquitto: int) -> Iterator[FakeIotJobs]:
-    fake = FakeIotJobs(mosquitto)
+def iot(mosquitto: int, artifacts: ArtifactServer) -> Iterator[IotJobsOnBroker]:
+    fake = IotJobsOnBroker(mosquitto, artifacts)
     try:
         yield fake
     finally:

@@ -1,6 +1,6 @@
-"""Test helpers for the device agent: a real mosquitto broker, an IoT Jobs stand-in
-speaking the AWS Jobs MQTT API over it, an HTTP artifact server with Range and
-expiring URLs, and small ONNX models made with skl2onnx per the BRIEF conventions."""
+"""Test helpers for the device agent: a real mosquitto broker, the local stack's IoT Jobs
+engine speaking the AWS Jobs MQTT API over it, an HTTP artifact server with Range and
+expiring URLs, and small ONNX models made with skl2onnx with the contract's metadata."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import pytest
 from mledge_edge.sensors import VIBRATION_FEATURES, VibrationSensor
+from mledge_update import onnx_metadata as meta_keys
 from mledge_update.codecs import encode_full, make_delta
 from mledge_update.document import Delta, FullModel, Smoke, UpdateJob
 from mledge_update.hashing import sha256_hex
@@ -167,8 +168,8 @@ def make_classifier_model(version: int, n_features: int = 64, seed: int = 0, mod
 
 def _set_metadata(onx: onnx.ModelProto, model: str, version: int, family: str,
                   features: list[str], extra: dict[str, str]) -> None:
-    props = {"mledge.model": model, "mledge.version": str(version), "mledge.family": family,
-             "mledge.features": json.dumps(features), **extra}
+    props = {meta_keys.MODEL: model, meta_keys.VERSION: str(version), meta_keys.FAMILY: family,
+             meta_keys.FEATURES: json.dumps(features), **extra}
     del onx.metadata_props[:]
     for key, value in props.items():
         entry = onx.metadata_props.add()
@@ -321,137 +322,109 @@ def document_for(server: ArtifactServer, release: Release, ttl: float = 3600.0) 
     return doc
 
 
-# ---------------------------------------------------------------------------- IoT Jobs stand-in
+# ---------------------------------------------------------------------------- IoT Jobs
 
-TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "REMOVED", "TIMED_OUT")
-
-
-@dataclass
-class Execution:
-    job_id: str
-    thing: str
-    document_factory: Callable[[], dict[str, Any]]
-    status: str = "QUEUED"
-    version: int = 1
-    status_details: dict[str, str] = field(default_factory=dict)
-    history: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-
-    def payload(self, include_document: bool = True) -> dict[str, Any]:
-        body = {"jobId": self.job_id, "thingName": self.thing, "status": self.status,
-                "statusDetails": self.status_details, "versionNumber": self.version,
-                "executionNumber": 1, "queuedAt": 0, "lastUpdatedAt": int(time.time())}
-        if include_document:
-            body["jobDocument"] = self.document_factory()
-        return body
+ARTIFACT_BUCKET = "artifacts"
 
 
-class FakeIotJobs:
-    """Plays IoT Core's side of the Jobs MQTT API over the broker, with an awscrt client."""
+def presigned_placeholder(name: str) -> str:
+    """What packaging puts in a job document: IoT presigns the object at each delivery."""
+    return f"${{aws:iot:s3-presigned-url:https://{ARTIFACT_BUCKET}.s3.us-east-1.amazonaws.com/{name}}}"
 
-    def __init__(self, port: int) -> None:
+
+def job_template(release: Release) -> dict[str, Any]:
+    """The job document as stored in the IoT Job: URLs as presigned-URL placeholders."""
+    doc = release.job.to_document()
+    doc["full"]["url"] = presigned_placeholder(release.names[doc["full"]["sha256"]])
+    for delta in doc["deltas"]:
+        delta["url"] = presigned_placeholder(release.names[delta["sha256"]])
+    return doc
+
+
+@dataclass(frozen=True)
+class ExecutionView:
+    """One execution as the test sees it, with the updates the service accepted."""
+
+    status: str
+    status_details: dict[str, str]
+    history: list[tuple[str, dict[str, str]]]
+
+
+class IotJobsOnBroker:
+    """IoT Core's side of the Jobs MQTT API over the broker: the local stack's `JobsEngine`
+    on an in-process moto IoT backend (the one IoT Jobs fake), presigning into the
+    artifact server; it also records what the device published."""
+
+    def __init__(self, port: int, artifacts: ArtifactServer) -> None:
         from awscrt import io, mqtt
+        from mledge_devstack.jobs import REQUEST_FILTERS, JobsEngine
+        from mledge_update.topics import TELEMETRY_FILTER
+        from moto.iot.models import IoTBackend
 
         self.mqtt = mqtt
-        self.executions: dict[str, list[Execution]] = {}
+        self.backend = IoTBackend("us-east-1", "123456789012")
+        self.engine = JobsEngine(self.backend,
+                                 lambda bucket, key, expires: artifacts.url(key, expires))
         self.telemetry: list[tuple[str, dict[str, Any]]] = []
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        self._history: dict[tuple[str, str], list[tuple[str, dict[str, str]]]] = {}
         self.lock = threading.Lock()
         self.connection = mqtt.Connection(
             client=mqtt.Client(io.ClientBootstrap.get_or_create_static_default(), None),
             host_name="127.0.0.1", port=port, client_id=f"iot-core-{port}", clean_session=True,
         )
         self.connection.connect().result(timeout=10)
-        for topic in ("$aws/things/+/jobs/start-next", "$aws/things/+/jobs/+/update",
-                      "$aws/things/+/jobs/+/get", "dt/mledge/#"):
+        for topic in (*REQUEST_FILTERS, TELEMETRY_FILTER):
             future, _ = self.connection.subscribe(topic, mqtt.QoS.AT_LEAST_ONCE, self._on_message)
             future.result(timeout=10)
 
     def close(self) -> None:
         self.connection.disconnect().result(timeout=10)
 
-    def add_job(self, thing: str, job_id: str, document_factory: Callable[[], dict[str, Any]]) -> Execution:
-        execution = Execution(job_id, thing, document_factory)
+    def add_job(self, thing: str, job_id: str, release: Release) -> None:
+        """Create an IoT Job for one thing releasing `release` (notify-next if it is next)."""
+        if thing not in {t.thing_name for t in self.backend.things.values()}:
+            self.backend.create_thing(thing, None, {})
+        self.backend.create_job(
+            job_id=job_id, targets=[self.backend.describe_thing(thing).arn], document_source="",
+            document=json.dumps(job_template(release)), description="",
+            presigned_url_config={"expiresInSec": 3600}, target_selection="SNAPSHOT",
+            job_executions_rollout_config={}, document_parameters={}, abort_config={},
+            job_execution_retry_config={}, scheduling_config={}, timeout_config={})
+        self._publish_all(self.engine.sync())
+
+    def execution(self, thing: str, job_id: str) -> ExecutionView:
+        ex = self.backend.job_executions[(job_id, thing)]
         with self.lock:
-            self.executions.setdefault(thing, []).append(execution)
-            nxt = self._next(thing)
-        if nxt is execution:
-            self._publish(f"$aws/things/{thing}/jobs/notify-next",
-                          {"timestamp": int(time.time()), "execution": execution.payload()})
-        return execution
+            history = list(self._history.get((thing, job_id), []))
+        return ExecutionView(ex.status, dict(ex.status_details_map), history)
 
-    def execution(self, thing: str, job_id: str) -> Execution:
-        with self.lock:
-            return next(e for e in self.executions.get(thing, []) if e.job_id == job_id)
+    def wait_for_terminal(self, thing: str, job_id: str, timeout: float = 20.0) -> ExecutionView:
+        from mledge_devstack.jobs import TERMINAL
 
-    def wait_for_terminal(self, thing: str, job_id: str, timeout: float = 20.0) -> Execution:
-        return wait_until(lambda: (e := self.execution(thing, job_id)).status in TERMINAL and e, timeout)
+        return wait_until(lambda: (e := self.execution(thing, job_id)).status in TERMINAL and e,
+                          timeout)
 
-    def _next(self, thing: str) -> Execution | None:
-        for status in ("IN_PROGRESS", "QUEUED"):
-            for execution in self.executions.get(thing, []):
-                if execution.status == status:
-                    return execution
-        return None
+    def _publish_all(self, messages: list[Any]) -> None:
+        for message in messages:
+            self.connection.publish(message.topic, json.dumps(message.payload).encode(),
+                                    self.mqtt.QoS.AT_LEAST_ONCE)
 
-    def _publish(self, topic: str, body: dict[str, Any]) -> None:
-        self.connection.publish(topic, json.dumps(body).encode(), self.mqtt.QoS.AT_LEAST_ONCE)
+    def _on_message(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        from mledge_update.topics import parse_telemetry_topic
 
-    def _on_message(self, topic: str, payload: bytes, **kwargs) -> None:
-        parts = topic.split("/")
         body = json.loads(payload or b"{}")
-        if parts[0] == "dt":
+        if parse_telemetry_topic(topic) is not None:
             with self.lock:
                 self.telemetry.append((topic, body))
             return
-        thing = parts[2]
         with self.lock:
             self.requests.append((topic, body))
-        token = {"clientToken": body.get("clientToken"), "timestamp": int(time.time())}
-        base = f"$aws/things/{thing}/jobs"
-        if parts[4] == "start-next":
+        replies = self.engine.handle(topic, payload)
+        accepted = any(r.topic == f"{topic}/accepted" for r in replies)
+        parts = topic.split("/")
+        if accepted and parts[-1] == "update":
             with self.lock:
-                execution = self._next(thing)
-                if execution is not None and execution.status == "QUEUED":
-                    execution.status = "IN_PROGRESS"
-                    execution.version += 1
-            reply = {**token}
-            if execution is not None:
-                reply["execution"] = execution.payload()
-            self._publish(f"{base}/start-next/accepted", reply)
-            return
-        job_id, action = parts[4], parts[5]
-        with self.lock:
-            execution = next((e for e in self.executions.get(thing, []) if e.job_id == job_id), None)
-        if execution is None:
-            self._publish(f"{base}/{job_id}/{action}/rejected", {**token, "code": "ResourceNotFound",
-                                                                   "message": "no such job execution"})
-            return
-        if action == "get":
-            self._publish(f"{base}/{job_id}/get/accepted", {**token, "execution": execution.payload()})
-            return
-        notify = False
-        with self.lock:
-            expected = body.get("expectedVersion")
-            if execution.status in TERMINAL:
-                code, message = "InvalidStateTransition", f"execution is {execution.status}"
-            elif expected is not None and expected != execution.version:
-                code, message = "VersionMismatch", f"expected {expected}, is {execution.version}"
-            else:
-                code = ""
-                execution.status = body["status"]
-                execution.status_details = dict(body.get("statusDetails") or {})
-                execution.version += 1
-                execution.history.append((execution.status, execution.status_details))
-                notify = execution.status in TERMINAL
-                nxt = self._next(thing)
-        if code:
-            self._publish(f"{base}/{job_id}/update/rejected", {**token, "code": code, "message": message})
-            return
-        self._publish(f"{base}/{job_id}/update/accepted", {
-            **token, "executionState": {"status": execution.status, "statusDetails": execution.status_details,
-                                        "versionNumber": execution.version}})
-        if notify:
-            self._publish(f"{base}/notify-next",
-                          {"timestamp": int(time.time()), **({"execution": nxt.payload()} if nxt else {})})
-
-
+                self._history.setdefault((parts[2], parts[4]), []).append(
+                    (body["status"], dict(body.get("statusDetails") or {})))
+        self._publish_all(replies)

@@ -14,8 +14,7 @@ from mledge_edge.config import AgentConfig
 from tests.conftest import subprocess_env
 from tests.edge.support import (
     MODEL,
-    FakeIotJobs,
-    document_for,
+    IotJobsOnBroker,
     free_port,
     make_kmeans_model,
     make_release,
@@ -50,7 +49,7 @@ def test_agent_updates_over_iot_jobs_and_cuts_uplink(tmp_path, mosquitto, iot, a
         assert set(record) == {"id", "ts", "features"} and len(record["features"]) == 8
 
         v1 = make_release(artifacts, 1, models[1])
-        iot.add_job("dev-1", "job-v1", lambda: document_for(artifacts, v1))
+        iot.add_job("dev-1", "job-v1", v1)
         done = iot.wait_for_terminal("dev-1", "job-v1")
         assert done.status == "SUCCEEDED", done.status_details
         assert done.status_details["codec"] == "full:zstd" and done.status_details["version"] == "1"
@@ -71,13 +70,13 @@ def test_agent_updates_over_iot_jobs_and_cuts_uplink(tmp_path, mosquitto, iot, a
         assert summary[0]["readings"] == 200 and summary[0]["anomalies"] == anomalies
 
         v2 = make_release(artifacts, 2, models[2], [(1, models[1])])
-        iot.add_job("dev-1", "job-v2", lambda: document_for(artifacts, v2))
+        iot.add_job("dev-1", "job-v2", v2)
         done = iot.wait_for_terminal("dev-1", "job-v2")
         assert done.status == "SUCCEEDED" and done.status_details["codec"] == "delta:bsdiff4:v1"
         assert agent.handle.info.version == 2
 
         old = make_release(artifacts, 1, models[1])
-        iot.add_job("dev-1", "job-old", lambda: document_for(artifacts, old))
+        iot.add_job("dev-1", "job-old", old)
         done = iot.wait_for_terminal("dev-1", "job-old")
         assert done.status == "REJECTED" and "downgrade" in done.status_details["reason"]
         assert agent.handle.info.version == 2
@@ -98,7 +97,7 @@ def test_agent_updates_over_iot_jobs_and_cuts_uplink(tmp_path, mosquitto, iot, a
 def test_killed_during_install_restarts_with_a_model_and_reports_the_job(tmp_path, mosquitto, iot,
                                                                           artifacts, models):
     v1 = make_release(artifacts, 1, models[1])
-    iot.add_job("dev-1", "job-v1", lambda: document_for(artifacts, v1))  # queued while offline
+    iot.add_job("dev-1", "job-v1", v1)  # queued while offline
     config = agent_config(tmp_path, mosquitto)
     argv = [sys.executable, "-m", "mledge_edge", "--thing", "dev-1", "--model", MODEL,
             "--endpoint", "127.0.0.1", "--port", str(mosquitto), "--insecure-no-tls",
@@ -122,13 +121,13 @@ def test_killed_during_install_restarts_with_a_model_and_reports_the_job(tmp_pat
 
 def test_agent_over_mutual_tls(tmp_path, mosquitto_tls, artifacts, models):
     broker = mosquitto_tls
-    fake = FakeIotJobs(broker.port)
+    fake = IotJobsOnBroker(broker.port, artifacts)
     config = agent_config(tmp_path, broker.tls_port, insecure_no_tls=False, endpoint="localhost",
                           cert=str(broker.tls.cert), key=str(broker.tls.key), ca=str(broker.tls.ca))
     agent = Agent(config)
     try:
         v1 = make_release(artifacts, 1, models[1])
-        fake.add_job("dev-1", "job-v1", lambda: document_for(artifacts, v1))
+        fake.add_job("dev-1", "job-v1", v1)
         agent.start()
         assert fake.wait_for_terminal("dev-1", "job-v1").status == "SUCCEEDED"
     finally:
@@ -145,14 +144,14 @@ def test_agent_catches_up_after_the_broker_restarts(tmp_path, artifacts, models)
     # and call start-next by itself (the notify-next below is published before it is back).
     try:
         with run_mosquitto(tmp_path / "b", "", port):
-            fake = FakeIotJobs(port)
+            fake = IotJobsOnBroker(port, artifacts)
             try:
                 v1 = make_release(artifacts, 1, models[1])
-                fake.add_job("dev-1", "job-v1", lambda: document_for(artifacts, v1))
+                fake.add_job("dev-1", "job-v1", v1)
                 assert fake.wait_for_terminal("dev-1", "job-v1", timeout=30).status == "SUCCEEDED"
                 assert agent.handle.info.version == 1
                 v2 = make_release(artifacts, 2, models[2], [(1, models[1])])
-                fake.add_job("dev-1", "job-v2", lambda: document_for(artifacts, v2))  # via notify-next
+                fake.add_job("dev-1", "job-v2", v2)  # via notify-next
                 assert fake.wait_for_terminal("dev-1", "job-v2").status == "SUCCEEDED"
             finally:
                 fake.close()
