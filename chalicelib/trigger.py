@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
+from mledge_update.naming import make_job_name
 
 from chalicelib import layout
 from chalicelib.aws import error_code
@@ -38,7 +39,6 @@ from chalicelib.backends import (
     TrainingBackend,
     TrainingRequest,
     backend_for,
-    make_job_name,
     training_hyperparameters,
 )
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError

@@ -18,6 +18,7 @@ from typing import Any
 from mledge_update import SignatureError
 from mledge_update.document import OPERATION
 from mledge_update.signing import ReleaseVerifier
+from mledge_update.topics import telemetry_topic
 
 from .config import AgentConfig, ConfigError
 from .download import Downloader
@@ -59,10 +60,6 @@ def release_verifier(config: AgentConfig) -> ReleaseVerifier | None:
         raise ConfigError(f"cannot read release_keys {config.release_keys}: {exc}") from exc
     except SignatureError as exc:
         raise ConfigError(f"release_keys {config.release_keys}: {exc}") from exc
-
-
-def telemetry_topic(model: str, thing: str, kind: str = "telemetry") -> str:
-    return f"dt/mledge/{model}/{thing}/{kind}"
 
 
 class Agent:
