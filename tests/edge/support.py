@@ -372,8 +372,9 @@ def presigned_placeholder(name: str) -> str:
 
 
 def job_template(release: Release) -> dict[str, Any]:
-    """The job document as stored in the IoT Job: URLs as presigned-URL placeholders."""
-    doc = release.job.to_document()
+    """The job document as stored in the IoT Job: URLs as presigned-URL placeholders,
+    signed with the test fleet's release key (as packaging signs with KMS)."""
+    doc = sign_job(release.job).to_document()
     doc["full"]["url"] = presigned_placeholder(release.names[doc["full"]["sha256"]])
     for delta in doc["deltas"]:
         delta["url"] = presigned_placeholder(release.names[delta["sha256"]])
