@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings as hypothesis_settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 # Property tests (tests/test_fuzz_*.py) run a moderate number of examples so the suite
 # stays fast; `HYPOTHESIS_PROFILE=fuzz` runs many more when hunting for new failures.
