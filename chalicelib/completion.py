@@ -30,16 +30,24 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import PipelineConfig, UnknownModelError
+from chalicelib.config import MODEL_NAME, PipelineConfig, UnknownModelError
 from chalicelib.gate import evaluate
 from chalicelib.model_events import (
     announce_approval_once,
     model_approved_detail,
     training_artifact_uri,
 )
-from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
+from chalicelib.registry import (
+    Registry,
+    Status,
+    TransitionError,
+    UnknownVersionError,
+    UnstorableValueError,
+    check_storable,
+)
 from chalicelib.settings import Settings
 from chalicelib.state import StateStore
+from chalicelib.untrusted import safe_repr
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +62,10 @@ SAGEMAKER_FAILED = {"Failed", "Stopped"}
 BATCH_SUCCEEDED = {"SUCCEEDED"}
 BATCH_FAILED = {"FAILED"}
 
-_JOB_NAME = re.compile(r"^mledge-(?P<rest>.+)$")
-_VERSION_PART = re.compile(r"-v(?P<version>\d+)-")
+_JOB_NAME = re.compile(r"mledge-(?P<rest>.+)", re.DOTALL)
+# ASCII digits only (`\d` also matches other scripts' digits), at most 18: a DynamoDB key.
+_VERSION_PART = re.compile(r"-v(?P<version>[0-9]{1,18})-")
+_VERSION_TAG = re.compile(r"[0-9]{1,18}")
 # metrics.json is small; a bigger member is not ours.
 _MAX_METRICS_BYTES = 1 << 20
 
@@ -100,16 +110,18 @@ def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str,
     wins.
     """
     tag_map = _tags(tags)
-    if tag_map.get("mledge:model") and str(tag_map.get("mledge:version", "")).isdigit():
-        return str(tag_map["mledge:model"]), int(tag_map["mledge:version"])
-    match = _JOB_NAME.match(job_name or "")
+    tag_model, tag_version = tag_map.get("mledge:model", ""), tag_map.get("mledge:version", "")
+    if MODEL_NAME.fullmatch(tag_model) and _VERSION_TAG.fullmatch(tag_version) \
+            and int(tag_version) >= 1:
+        return tag_model, int(tag_version)
+    match = _JOB_NAME.fullmatch(job_name) if isinstance(job_name, str) else None
     if not match:
         return None
     rest = match.group("rest")
     candidates: list[tuple[str, int]] = []
     for i in range(1, len(rest)):
         m = _VERSION_PART.match(rest, i)
-        if m:
+        if m and MODEL_NAME.fullmatch(rest[:i]) and int(m.group("version")) >= 1:
             candidates.append((rest[:i], int(m.group("version"))))
     for model, version in candidates:
         if model in known_models:
@@ -118,19 +130,37 @@ def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str,
 
 
 def _tags(tags: Any) -> dict[str, str]:
+    """Tags as a dict (SageMaker: a list of Key/Value; Batch: a map); non-strings dropped."""
     if isinstance(tags, dict):
-        return {str(k): str(v) for k, v in tags.items()}
-    if isinstance(tags, list):
-        return {str(t.get("Key") or t.get("key")): str(t.get("Value") or t.get("value"))
-                for t in tags if isinstance(t, dict)}
-    return {}
+        pairs = list(tags.items())
+    elif isinstance(tags, list):
+        pairs = [(t.get("Key") or t.get("key"), t.get("Value") or t.get("value"))
+                 for t in tags if isinstance(t, dict)]
+    else:
+        return {}
+    return {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)}
+
+
+def _detail(event: Any) -> dict[str, Any]:
+    detail = event.get("detail") if isinstance(event, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _reason_text(value: Any) -> str:
+    """A failure reason from an event: its text, or its JSON-ish repr, at most 1,024 chars."""
+    text = value if isinstance(value, str) else safe_repr(value)
+    return text[:1024]
 
 
 def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
                           backend: str = "sagemaker") -> JobStateChange:
-    detail = event.get("detail") or {}
-    job_name = str(detail.get("TrainingJobName", ""))
-    status = str(detail.get("TrainingJobStatus", ""))
+    detail = _detail(event)
+    job_name = _string(detail.get("TrainingJobName"))
+    status = _string(detail.get("TrainingJobStatus"))
     ident = identify_job(job_name, detail.get("Tags"), known_models)
     if status in SAGEMAKER_SUCCEEDED:
         state = "succeeded"
@@ -140,11 +170,14 @@ def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
         state = "running"
     reason = None
     if state == "failed":
-        reason = detail.get("FailureReason") or (
+        given = _reason_text(detail["FailureReason"]) if detail.get("FailureReason") else ""
+        reason = given or (
             "training job was stopped" if status == "Stopped" else "training job failed")
-        if status == "Stopped" and detail.get("FailureReason"):
-            reason = f"stopped: {detail['FailureReason']}"
-    artifact = (detail.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if status == "Stopped" and given:
+            reason = f"stopped: {given}"
+    artifacts = detail.get("ModelArtifacts")
+    artifact = artifacts.get("S3ModelArtifacts") if isinstance(artifacts, dict) else None
+    artifact = artifact if isinstance(artifact, str) and artifact else None
     return JobStateChange(
         backend=backend, job_name=job_name,
         model=ident[0] if ident else None, version=ident[1] if ident else None,
@@ -154,9 +187,9 @@ def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
 
 def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str) \
         -> JobStateChange:
-    detail = event.get("detail") or {}
-    job_name = str(detail.get("jobName", ""))
-    status = str(detail.get("status", ""))
+    detail = _detail(event)
+    job_name = _string(detail.get("jobName"))
+    status = _string(detail.get("status"))
     ident = identify_job(job_name, detail.get("tags"), known_models)
     if status in BATCH_SUCCEEDED:
         state = "succeeded"
@@ -178,15 +211,17 @@ def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str
 def _batch_failure_reason(detail: dict[str, Any]) -> str:
     parts: list[str] = []
     if detail.get("statusReason"):
-        parts.append(str(detail["statusReason"]))
-    container = dict(detail.get("container") or {})
-    attempts = detail.get("attempts") or []
-    if attempts and isinstance(attempts[-1], dict):
-        container = {**(attempts[-1].get("container") or {}), **container}
+        parts.append(_reason_text(detail["statusReason"]))
+    container = detail.get("container")
+    container = dict(container) if isinstance(container, dict) else {}
+    attempts = detail.get("attempts")
+    if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
+        last = attempts[-1].get("container")
+        container = {**(last if isinstance(last, dict) else {}), **container}
     if container.get("reason"):
-        parts.append(str(container["reason"]))
+        parts.append(_reason_text(container["reason"]))
     if container.get("exitCode") not in (None, 0):
-        parts.append(f"exit code {container['exitCode']}")
+        parts.append(f"exit code {_reason_text(container['exitCode'])[:40]}")
     return "; ".join(dict.fromkeys(parts)) or "batch job failed"
 
 
@@ -244,8 +279,11 @@ def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
         raise ArtifactError(f"model artifact {artifact_uri} has no model.onnx")
     try:
         metrics = json.loads(metrics_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"metrics.json in {artifact_uri} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"metrics.json in {artifact_uri} is nested too deeply to parse") \
+            from None
     if not isinstance(metrics, dict):
         raise ArtifactError(f"metrics.json in {artifact_uri} is not a JSON object")
     expected_sha = (metrics.get("onnx") or {}).get("sha256") \
@@ -357,8 +395,13 @@ class CompletionHandler:
             return self._record_failure(change, f"model is not in the pipeline config: {exc}")
         try:
             metrics = read_metrics(self.s3, artifact)
+            check_storable(metrics, "metrics")
         except ArtifactError as exc:
             return self._record_failure(change, str(exc))
+        except UnstorableValueError as exc:
+            # Stored as is it would fail the write on every redelivery and hold the lock.
+            return self._record_failure(change, f"metrics.json cannot be stored in the "
+                                                f"registry: {exc}")
         released_version = self.registry.released_version(model)
         scored_against = self.registry.get(model, version).lineage.get("champion_version")
         decision = evaluate(model_config, metrics,
@@ -376,6 +419,12 @@ class CompletionHandler:
         except TransitionError:
             current = self.registry.get(model, version)
             return self._duplicate(model, version, current.status)
+        except ClientError as exc:
+            if error_code(exc) != "ValidationException":
+                raise  # throttling, outages: the event is redelivered
+            # DynamoDB refused the content itself: retrying cannot succeed.
+            return self._record_failure(change, f"the registry refused the gate result: "
+                                                f"{exc.response.get('Error', {}).get('Message')}")
         released = self.state.release_training_lock(model, version)
         announced = self._announce(record) if decision.approved else False
         log.info("%s v%s %s: %s", model, version, to, "; ".join(decision.reasons))

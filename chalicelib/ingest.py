@@ -40,9 +40,9 @@ from chalicelib.records import (
     Rejection,
     Summary,
     classify_message,
-    safe_repr,
 )
 from chalicelib.settings import Settings
+from chalicelib.untrusted import safe_repr
 
 INGEST_BATCH_SIZE = 1000
 """Messages per Lambda invocation (SQS allows up to 10,000 with a batching window)."""

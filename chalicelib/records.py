@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chalicelib.config import FeatureSchema, PipelineConfig
+from chalicelib.untrusted import safe_repr, shown
 
 MAX_PAYLOAD_BYTES = 128 * 1024
 """IoT Core's MQTT payload limit; a larger body cannot be a genuine device message."""
@@ -344,14 +345,6 @@ def _reject(model: str, arrival_ms: int, message_id: str, body: str | bytes, rea
     return Rejection(model, arrival_ms, reason, _ENCODE(line))
 
 
-def safe_repr(value: Any) -> str:
-    """repr() that cannot raise: deep nesting and integers past Python's 4,300-digit limit."""
-    try:
-        return repr(value)
-    except (RecursionError, ValueError):
-        return f"<{type(value).__name__} too deep or too long to show>"
-
-
 def _json_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
@@ -373,5 +366,4 @@ def _show(value: Any) -> str:
         return f"{str(value).lower()} (booleans are not numbers)"
     if isinstance(value, dict | list):
         return _json_type(value)
-    text = safe_repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shown(value)
