@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mledge_update.document import MODEL_NAME
+
 FAMILIES = ("kmeans_anomaly", "classifier")
 FAMILY_METRICS = {
     "kmeans_anomaly": ("silhouette",),
@@ -21,7 +23,6 @@ FAMILY_METRICS = {
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
 # Used with fullmatch (`$` would also match before a trailing newline).
-MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 

@@ -16,9 +16,10 @@ import base64
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
+
+from mledge_update.iot_jobs import THING_NAME
 
 from chalicelib.config import FeatureSchema, PipelineConfig
 from chalicelib.untrusted import safe_repr, shown
@@ -45,9 +46,6 @@ UNKNOWN_MODEL = "_unknown"
 TELEMETRY = "telemetry"
 SUMMARY = "summary"
 
-# IoT thing names: https://docs.aws.amazon.com/iot/latest/apireference/API_CreateThing.html
-# Used with fullmatch: `$` alone would also match before a trailing newline.
-THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _NUMBER_TYPES = frozenset((int, float))
 _REPLACEMENT_CHAR = "\ufffd"
 # One reusable encoder: strict JSON (no NaN) and compact lines.

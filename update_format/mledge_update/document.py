@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -189,6 +190,8 @@ def _to_dict(job: UpdateJob, location: Location) -> dict[str, Any]:
 
 
 _INT64_MAX = 2**63 - 1
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+"""Model names (fullmatch): the job document's `model`, a segment of MQTT topics and S3 keys."""
 
 
 def _require(doc: Mapping[str, Any], key: str, path: str) -> Any:
@@ -408,6 +411,7 @@ def smoke_from_golden(golden: Mapping[str, Any]) -> Smoke:
 __all__: Sequence[str] = (
     "FORMAT_VERSION",
     "JOB_DOCUMENT_MAX_CHARS",
+    "MODEL_NAME",
     "OPERATION",
     "Artifact",
     "Delta",
