@@ -408,8 +408,10 @@ def _untar(blob: bytes, uri: str) -> dict[str, bytes]:
 def _json_member(raw: bytes, name: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"{name} is nested too deeply to parse") from None
     if not isinstance(value, dict):
         raise ArtifactError(f"{name} must hold a JSON object")
     return value

@@ -297,3 +297,39 @@ def test_unreadable_raw_object_is_ignored_not_retried_forever(aws, settings) -> 
     report = Trigger(clients=aws, settings=settings, config=CONFIG).handle_raw_events(event)
     assert report.counted == []
     assert any("unreadable" in reason for reason in report.ignored), report.ignored
+
+
+_json_bytes = st.one_of(
+    json_values().map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass")),
+    st.binary(max_size=64),
+    st.sampled_from([b"[" * 100_000, b"9" * 5000, b'{"a": ' + b"1" * 4400 + b"}", b"\xff"]),
+)
+
+
+@given(raw=_json_bytes)
+def test_metrics_json_of_any_bytes_is_an_object_or_an_artifact_error(aws, settings,
+                                                                     raw: bytes) -> None:
+    key = "models/x/job/output/model.tar.gz"
+    aws.s3.put_object(Bucket=settings.bucket, Key=key, Body=artifact_bytes(
+        {"model.onnx": ONNX_BYTES, "metrics.json": raw}))
+    try:
+        metrics = read_metrics(aws.s3, f"s3://{settings.bucket}/{key}")
+    except ArtifactError:
+        return
+    assert isinstance(metrics, dict)
+
+
+@given(raw=_json_bytes)
+def test_golden_json_of_any_bytes_is_read_or_an_artifact_error(aws, settings, raw: bytes) -> None:
+    from chalicelib.packaging import ArtifactError as PackagingArtifactError
+    from chalicelib.packaging import read_training_artifact
+
+    key = "models/x/job2/output/model.tar.gz"
+    aws.s3.put_object(Bucket=settings.bucket, Key=key, Body=artifact_bytes(
+        {"model.onnx": ONNX_BYTES, "golden.json": raw, "metrics.json": raw}))
+    try:
+        files = read_training_artifact(aws.s3, f"s3://{settings.bucket}/{key}",
+                                       default_bucket=settings.bucket)
+    except PackagingArtifactError:
+        return
+    assert isinstance(files.golden, dict) and isinstance(files.metrics, dict)
