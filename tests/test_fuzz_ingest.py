@@ -229,6 +229,14 @@ def test_ingest_stores_every_message_exactly_once(aws, settings, bodies: list[st
     assert set(all_objects(aws.s3, settings.bucket)) >= {o.key for o in result.objects}
 
 
+@given(records=st.lists(_envelope_record, max_size=8))
+def test_any_lambda_event_stores_every_record(aws, settings, records: list[Any]) -> None:
+    result = ingest_sqs_event({"Records": records}, clients=aws, settings=settings,
+                              config=CONFIG, now_ms=SENT_AT_MS)
+    assert result.received == len(records) == result.stored
+    assert sum(o.record_count for o in result.objects) == len(records)
+
+
 def test_the_batch_fails_only_when_s3_refuses(aws, settings) -> None:
     messages = [SqsMessage("a", _nested(10_000), SENT_AT_MS),
                 SqsMessage("b", json.dumps(reading(ts=10**400)), SENT_AT_MS)]
