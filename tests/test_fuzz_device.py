@@ -343,6 +343,7 @@ def test_agent_config_is_valid_or_a_config_error(values: Any) -> None:
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000, "{", "\udcff", '{"thing": "d\\n"}', "9" * 5000,
+                                  '{"thing": "dev-1", "model": "m", "rate": ' + "9" * 400 + "}",
                                   '{"thing": "dev-1", "model": "m", "port": 1e999}'])
 def test_a_bad_config_file_is_a_config_error(tmp_path, text: str) -> None:
     path = tmp_path / "agent.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -124,7 +125,9 @@ def _check_types(config: AgentConfig) -> None:
         elif int in allowed:
             ok = type(value) is int
         elif float in allowed:
-            ok = type(value) in (int, float) and math.isfinite(value)
+            # an int must fit a float too (math.isfinite(10**400) raises OverflowError)
+            ok = (type(value) is float and math.isfinite(value)) or (
+                type(value) is int and abs(value) <= sys.float_info.max)
         else:
             ok = isinstance(value, str)
         if not ok:
