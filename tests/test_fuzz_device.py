@@ -250,6 +250,25 @@ def test_bridge_accepts_or_rejects_any_update_and_a_rejection_changes_nothing(
         check_status_details(bridge.execution().status_details_map or {"k": "v"})
 
 
+@given(tail=st.sampled_from(["start-next", "get", "job-1/get", "$next/get", "job-1/update",
+                             "no-such-job/update", "$next/update"]),
+       payload=st.one_of(st.binary(max_size=40), st.just(b"[" * 50_000),
+                         _update_body.map(lambda b: json.dumps(b).encode("utf-8", "surrogatepass")),
+                         json_values().map(lambda v: json.dumps(v).encode("utf-8", "surrogatepass"))))
+def test_every_device_request_gets_exactly_one_answer(tail: str, payload: bytes) -> None:
+    bridge = Bridge()
+    _started(bridge, BridgeLink(bridge.engine))
+    before = bridge.snapshot()
+    topic = f"$aws/things/{THING}/jobs/{tail}"
+    out = bridge.engine.handle(topic, payload)
+    replies = [m for m in out if m.topic in (f"{topic}/accepted", f"{topic}/rejected")]
+    assert len(replies) == 1, [m.topic for m in out]
+    if replies[0].topic.endswith("/rejected"):
+        assert replies[0].payload["code"] in ("InvalidRequest", "InvalidJson", "VersionMismatch",
+                                              "InvalidStateTransition", "ResourceNotFound")
+        assert bridge.snapshot() == before
+
+
 # ------------------------------------------------ the agent handles a refusal
 
 
