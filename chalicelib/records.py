@@ -37,8 +37,8 @@ later cannot be IoT Core's arrival time, and a far-future one has no partition d
 MAX_ARRIVAL_MS = 253_402_300_799_999
 """The last millisecond of 9999-12-31: the latest arrival a `dt=YYYY-MM-DD` partition can name."""
 MAX_SUMMARY_DEPTH = 32
-"""Summaries are stored as received; deeper nesting is not a summary (and DynamoDB-style
-consumers stop at 32 levels)."""
+"""Summaries are stored as received; a device summary is flat, and re-encoding a value nested
+near Python's recursion limit would raise instead of storing."""
 QUARANTINE_BODY_CHARS = 4096
 """How much of an oversized body the quarantine line keeps (its sha256 covers all of it)."""
 UNKNOWN_MODEL = "_unknown"

@@ -184,6 +184,8 @@ def from_dynamo(value: Any) -> Any:
     return value
 
 
+_NUMBER_CONTEXT = DYNAMODB_CONTEXT
+"""boto3's decimal context for DynamoDB numbers: what it refuses, its serializer refuses."""
 MAX_NESTING = 32
 """DynamoDB stores lists and maps nested at most 32 levels deep."""
 MAX_STORED_JSON_BYTES = 100 * 1024
@@ -241,7 +243,7 @@ def _check_number(number: float | Decimal, path: str) -> None:
     if isinstance(number, float) and not math.isfinite(number):
         return
     try:
-        DYNAMODB_CONTEXT.create_decimal(
+        _NUMBER_CONTEXT.create_decimal(
             Decimal(repr(number)) if isinstance(number, float) else number)
     except decimal.DecimalException:
         shown = repr(number) if not isinstance(number, int) or abs(number) < 10**40 else (
