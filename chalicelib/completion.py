@@ -23,15 +23,22 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
+from mledge_update.events import (
+    BATCH_DETAIL_TYPE,
+    BATCH_SOURCE,
+    LOCAL_TRAINING_SOURCE,
+    SAGEMAKER_DETAIL_TYPE,
+    SAGEMAKER_SOURCE,
+)
+from mledge_update.naming import identify_job
 
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import MODEL_NAME, PipelineConfig, UnknownModelError
+from chalicelib.config import PipelineConfig, UnknownModelError
 from chalicelib.gate import evaluate
 from chalicelib.model_events import (
     announce_approval_once,
@@ -52,21 +59,15 @@ from chalicelib.untrusted import safe_repr
 
 log = logging.getLogger(__name__)
 
-SAGEMAKER_PATTERN = {"source": ["aws.sagemaker"],
-                     "detail-type": ["SageMaker Training Job State Change"]}
-BATCH_PATTERN = {"source": ["aws.batch"], "detail-type": ["Batch Job State Change"]}
-LOCAL_PATTERN = {"source": ["mledge.local-training"],
-                 "detail-type": ["SageMaker Training Job State Change"]}
+SAGEMAKER_PATTERN = {"source": [SAGEMAKER_SOURCE], "detail-type": [SAGEMAKER_DETAIL_TYPE]}
+BATCH_PATTERN = {"source": [BATCH_SOURCE], "detail-type": [BATCH_DETAIL_TYPE]}
+LOCAL_PATTERN = {"source": [LOCAL_TRAINING_SOURCE], "detail-type": [SAGEMAKER_DETAIL_TYPE]}
 
 SAGEMAKER_SUCCEEDED = {"Completed"}
 SAGEMAKER_FAILED = {"Failed", "Stopped"}
 BATCH_SUCCEEDED = {"SUCCEEDED"}
 BATCH_FAILED = {"FAILED"}
 
-_JOB_NAME = re.compile(r"mledge-(?P<rest>.+)", re.DOTALL)
-# ASCII digits only (`\d` also matches other scripts' digits), at most 18: a DynamoDB key.
-_VERSION_PART = re.compile(r"-v(?P<version>[0-9]{1,18})-")
-_VERSION_TAG = re.compile(r"[0-9]{1,18}")
 # metrics.json is small; a bigger member is not ours.
 _MAX_METRICS_BYTES = 1 << 20
 
@@ -101,45 +102,6 @@ class CompletionResult:
 
 
 # ---------------------------------------------------------------- parsing events
-
-
-def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str, int] | None:
-    """(model, version) of a job: its `mledge:model`/`mledge:version` tags, else its name.
-
-    Names are ``mledge-<model>-v<version>-<suffix>``; model names may contain
-    ``-v<digits>-`` themselves, so each split point is tried and a configured model
-    wins.
-    """
-    tag_map = _tags(tags)
-    tag_model, tag_version = tag_map.get("mledge:model", ""), tag_map.get("mledge:version", "")
-    if MODEL_NAME.fullmatch(tag_model) and _VERSION_TAG.fullmatch(tag_version) \
-            and int(tag_version) >= 1:
-        return tag_model, int(tag_version)
-    match = _JOB_NAME.fullmatch(job_name) if isinstance(job_name, str) else None
-    if not match:
-        return None
-    rest = match.group("rest")
-    candidates: list[tuple[str, int]] = []
-    for i in range(1, len(rest)):
-        m = _VERSION_PART.match(rest, i)
-        if m and MODEL_NAME.fullmatch(rest[:i]) and int(m.group("version")) >= 1:
-            candidates.append((rest[:i], int(m.group("version"))))
-    for model, version in candidates:
-        if model in known_models:
-            return model, version
-    return candidates[0] if candidates else None
-
-
-def _tags(tags: Any) -> dict[str, str]:
-    """Tags as a dict (SageMaker: a list of Key/Value; Batch: a map); non-strings dropped."""
-    if isinstance(tags, dict):
-        pairs = list(tags.items())
-    elif isinstance(tags, list):
-        pairs = [(t.get("Key") or t.get("key"), t.get("Value") or t.get("value"))
-                 for t in tags if isinstance(t, dict)]
-    else:
-        return {}
-    return {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)}
 
 
 def _detail(event: Any) -> dict[str, Any]:

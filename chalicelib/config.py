@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mledge_update.document import MODEL_NAME
+from mledge_update.families import FAMILIES, FAMILY_METRICS
+from mledge_update.naming import MODEL_NAME
+from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
 
-FAMILIES = ("kmeans_anomaly", "classifier")
-FAMILY_METRICS = {
-    "kmeans_anomaly": ("silhouette",),
-    "classifier": ("accuracy", "macro_f1"),
-}
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
 # Used with fullmatch (`$` would also match before a trailing newline).
@@ -82,22 +79,6 @@ class AbortConfig:
 @dataclass(frozen=True)
 class TimeoutConfig:
     in_progress_minutes: int = 30
-
-
-@dataclass(frozen=True)
-class UplinkPolicy:
-    before_model: str = "all"
-    anomalies: bool = True
-    sample_rate: float = 0.01
-    summary_interval_seconds: int = 60
-
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "before_model": self.before_model,
-            "anomalies": self.anomalies,
-            "sample_rate": self.sample_rate,
-            "summary_interval_seconds": self.summary_interval_seconds,
-        }
 
 
 @dataclass(frozen=True)
@@ -346,11 +327,13 @@ def _parse_timeout(f: _Fields) -> TimeoutConfig:
 
 
 def _parse_uplink(f: _Fields) -> UplinkPolicy:
+    d = UplinkPolicy()
     u = UplinkPolicy(
-        before_model=f.get("before_model", "str", "all", choices=("all", "none")),
-        anomalies=f.get("anomalies", "bool", True),
-        sample_rate=f.get("sample_rate", "float", 0.01, minimum=0.0, maximum=1.0),
-        summary_interval_seconds=f.get("summary_interval_seconds", "int", 60, minimum=1),
+        before_model=f.get("before_model", "str", d.before_model, choices=BEFORE_MODEL_CHOICES),
+        anomalies=f.get("anomalies", "bool", d.anomalies),
+        sample_rate=f.get("sample_rate", "float", d.sample_rate, minimum=0.0, maximum=1.0),
+        summary_interval_seconds=f.get("summary_interval_seconds", "int",
+                                       int(d.summary_interval_seconds), minimum=1),
     )
     f.done()
     return u

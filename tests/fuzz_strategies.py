@@ -1,19 +1,15 @@
 """Hypothesis strategies for input that comes from outside: the worst of JSON.
 
 Deep nesting, numbers that do not fit a float or DynamoDB (huge, tiny, 4,000-digit
-integers), control, format, private-use and non-BMP characters, lone surrogates,
-and the wrong type at every field of an otherwise valid record.
+integers), control, format, private-use and non-BMP characters and lone surrogates.
+Shared by the property tests of every part (tests/*/test_fuzz_*.py).
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from typing import Any
 
 from hypothesis import strategies as st
-
-from tests.ingest_helpers import DIGITS, VIBRATION, reading
 
 # Numbers no test had: each once made some parser raise something it did not document.
 EDGE_NUMBERS: tuple[Any, ...] = (
@@ -64,38 +60,3 @@ def json_values(max_leaves: int = 12) -> st.SearchStrategy[Any]:
         max_leaves=max_leaves,
     )
     return st.one_of(tree, st.builds(_deep, st.integers(1, 200), leaves))
-
-
-RECORD_FIELDS = ("id", "ts", "features", "label", "model", "thing", "type", "received_at",
-                 "score", "model_version", "anomaly")
-
-
-def _poison(record: dict[str, Any], field: str, how: str, value: Any, index: int
-            ) -> dict[str, Any]:
-    record = copy.deepcopy(record)
-    if how == "drop":
-        record.pop(field, None)
-    elif how == "feature" and isinstance(record.get("features"), list):
-        features = record["features"]
-        features[index % len(features)] = value
-    else:
-        record[field] = value
-    return record
-
-
-def poisoned_record() -> st.SearchStrategy[dict[str, Any]]:
-    """A valid IoT-rule output for one of the example models with one to three fields spoiled."""
-    base = st.builds(lambda model, seq: reading(model=model, seq=seq),
-                     st.sampled_from([VIBRATION, DIGITS]), st.integers(0, 1000))
-    spoil: st.SearchStrategy[Callable[[dict[str, Any]], dict[str, Any]]] = st.builds(
-        lambda field, how, value, index: lambda r: _poison(r, field, how, value, index),
-        st.sampled_from(RECORD_FIELDS), st.sampled_from(["set", "drop", "feature"]),
-        st.one_of(json_values(6), nasty_numbers()), st.integers(0, 63))
-
-    def apply(record: dict[str, Any], spoils: list[Callable[[dict[str, Any]], dict[str, Any]]]
-              ) -> dict[str, Any]:
-        for spoiler in spoils:
-            record = spoiler(record)
-        return record
-
-    return st.builds(apply, base, st.lists(spoil, min_size=1, max_size=3))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mledge_update.iot_jobs import JOB_ID, LONG_MAX, ascii_details
+from mledge_update.topics import jobs_topic_root
 
 from .mqtt import MqttLink
 
@@ -131,7 +132,7 @@ class JobsClient:
         self.retry_interval_s = retry_interval_s
         self.link = link
         self.thing = thing
-        self.prefix = f"$aws/things/{thing}/jobs"
+        self.prefix = jobs_topic_root(thing)
         self.handle_execution = handle_execution
         self.before_start_next = before_start_next
         self.request_timeout_s = request_timeout_s

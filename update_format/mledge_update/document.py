@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -22,6 +21,7 @@ from typing import Any, Literal
 from .codecs import FULL_ENCODINGS, SUPPORTED_CODECS
 from .errors import JobDocumentError, JobDocumentTooLargeError, UnsupportedFormatError
 from .hashing import is_sha256_hex
+from .naming import MODEL_NAME
 
 OPERATION = "mledge.model-update"
 FORMAT_VERSION = 1
@@ -191,8 +191,6 @@ def _to_dict(job: UpdateJob, location: Location) -> dict[str, Any]:
 
 
 _INT64_MAX = 2**63 - 1
-MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-"""Model names (fullmatch): the job document's `model`, a segment of MQTT topics and S3 keys."""
 
 
 def _require(doc: Mapping[str, Any], key: str, path: str) -> Any:
