@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-FAMILIES = ("kmeans_anomaly", "classifier")
+# `cnn` models follow the classifier conventions (class probabilities in `scores`).
+FAMILIES = ("kmeans_anomaly", "classifier", "cnn")
 INPUT_NAME = "input"
 
 
