@@ -28,7 +28,7 @@ from trainer.onnx_export import TARGET_OPSET
 torch = pytest.importorskip("torch")
 from trainer.families.cnn import Architecture, _frozen_layers  # noqa: E402
 
-FAST = {"epochs": "4", "learning_rate": "0.005", "fine_tune_epochs": "2"}
+FAST = {"epochs": "6", "learning_rate": "0.005", "fine_tune_epochs": "2"}
 LAYERS = ("net.conv1.weight", "net.conv1.bias", "net.conv2.weight", "net.conv2.bias",
           "net.dense.weight", "net.dense.bias", "net.head.weight", "net.head.bias")
 
@@ -86,10 +86,11 @@ def test_cnn_trains_exports_and_passes_parity(first: Path):
     metrics = json.loads((first / "model" / "metrics.json").read_text())
     assert metrics["family"] == "cnn" and metrics["metric"] == "accuracy"
     assert metrics["parity"]["passed"] is True and metrics["parity"]["label_agreement"] == 1.0
-    assert metrics["challenger"]["accuracy"] > 0.5  # 4 epochs: far above 10 % chance
+    assert metrics["challenger"]["accuracy"] > 0.5  # 6 epochs: far above 10 % chance
     model = metrics["model"]
     assert model["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert model["warm_start"] == {"used": False, "reason": "no champion", "frozen_layers": []}
+    assert model["warm_start"] == {"used": False, "reason": "no champion", "frozen_layers": [],
+                                   "update_fraction": None, "weights_changed": None}
     exported = weights(first / "model" / "model.onnx")
     assert model["parameters"] == sum(exported[name].size for name in LAYERS)
 
@@ -136,7 +137,8 @@ def test_warm_start_fine_tunes_the_champion_and_keeps_frozen_layers(tmp_path: Pa
                      frozen_layers="conv1,conv2", fine_tune_learning_rate="0.001"))
     warm = metrics["model"]["warm_start"]
     assert warm == {"used": True, "reason": "warm-started from the champion",
-                    "frozen_layers": ["conv1", "conv2"]}
+                    "frozen_layers": ["conv1", "conv2"], "update_fraction": 1.0,
+                    "weights_changed": None}
     assert metrics["model"]["learning_rate"] == 0.001 and metrics["model"]["epochs"] == 2
     # The gate's inputs: both models scored on this run's holdout.
     assert set(metrics["champion"]) == {"accuracy", "macro_f1"}
@@ -147,6 +149,21 @@ def test_warm_start_fine_tunes_the_champion_and_keeps_frozen_layers(tmp_path: Pa
         assert not np.array_equal(old[name], new[name])
         # fine-tuned, not retrained: the weights moved a little, not to somewhere new
         assert np.max(np.abs(old[name] - new[name])) < 0.1
+
+
+def test_update_fraction_keeps_every_other_weight_bit_identical(tmp_path: Path, digits,
+                                                                first: Path):
+    champion = first / "model" / "model.onnx"
+    metrics = ok(run(tmp_path, digits[:1080], champion, model_version="2",
+                     update_fraction="0.1"))
+    warm = metrics["model"]["warm_start"]
+    assert warm["used"] is True and warm["update_fraction"] == 0.1
+    old, new = weights(champion), weights(tmp_path / "model" / "model.onnx")
+    same = sum(int(np.sum(old[n].view(np.uint32) == new[n].view(np.uint32))) for n in LAYERS)
+    total = sum(old[n].size for n in LAYERS)
+    assert 0.0 < 1 - same / total <= 0.1 + 1e-3
+    assert warm["weights_changed"] == pytest.approx(1 - same / total)
+    assert metrics["parity"]["passed"] is True
 
 
 def test_warm_start_can_be_turned_off(tmp_path: Path, digits, first: Path):

@@ -83,6 +83,7 @@ class CnnParams:
     fine_tune_learning_rate: float
     fine_tune_epochs: int
     frozen_layers: tuple[str, ...]
+    update_fraction: float
 
 
 class ConvNet(nn.Module):
@@ -203,6 +204,74 @@ def champion_weights(champion_model: bytes | None, arch: Architecture
     return weights, "warm-started from the champion"
 
 
+def _train(net: ConvNet, params: CnnParams, learning_rate: float, epochs: int,
+           x: torch.Tensor, y: torch.Tensor, order: torch.Generator,
+           after_step: _Pin | None = None) -> float:
+    """Minibatch training of the trainable parameters; returns the last epoch's mean loss."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer
+    if params.optimizer == "adam":
+        optimizer = torch.optim.Adam(trainable, lr=learning_rate,
+                                     weight_decay=params.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9,
+                                    weight_decay=params.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    epoch_loss = float("nan")
+    for _ in range(epochs):
+        permutation = torch.randperm(len(x), generator=order).to(x.device)
+        total = 0.0
+        for start in range(0, len(x), params.batch_size):
+            batch = permutation[start:start + params.batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x[batch]), y[batch])
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach()) * len(batch)
+        epoch_loss = total / len(x)
+    return epoch_loss
+
+
+def _largest_changes(net: ConvNet, champion: dict[str, torch.Tensor], fraction: float
+                     ) -> dict[str, torch.Tensor]:
+    """Per trainable tensor, True where the change from the champion is among the largest
+    `fraction` of all changes (measured relative to the tensor's RMS, so that layers
+    of small weights are not starved)."""
+    relative: dict[str, torch.Tensor] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        old = champion[name].to(p.device)
+        scale = old.pow(2).mean().sqrt().clamp_min(1e-12)
+        relative[name] = ((p.detach() - old).abs() / scale).flatten()
+    everything = torch.cat(list(relative.values()))
+    keep = max(1, round(fraction * everything.numel()))
+    threshold = torch.topk(everything, keep, sorted=True).values[-1]
+    return {name: (r >= threshold).reshape(dict(net.named_parameters())[name].shape)
+            for name, r in relative.items()}
+
+
+class _Pin:
+    """After each optimizer step, put the weights outside the masks back to the champion's."""
+
+    def __init__(self, net: ConvNet, champion: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor]) -> None:
+        named = dict(net.named_parameters())
+        self.pinned = [(named[n], champion[n].to(named[n].device), m) for n, m in masks.items()]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        for param, old, mask in self.pinned:
+            param.copy_(torch.where(mask, param, old))
+
+    def fraction_changed(self) -> float:
+        changed = sum(int((p != old).sum()) for p, old, _ in self.pinned)
+        return changed / max(1, sum(p.numel() for p, _, _ in self.pinned))
+
+
 class CnnFamily(ModelFamily):
     name: ClassVar[str] = "cnn"
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
@@ -237,6 +306,8 @@ class CnnFamily(ModelFamily):
             fine_tune_epochs=hp.integer("fine_tune_epochs", epochs, minimum=1,
                                         maximum=100_000),
             frozen_layers=_frozen_layers(hp, arch),
+            update_fraction=hp.number("update_fraction", 1.0, minimum=0.0, maximum=1.0,
+                                      exclusive=False),
         )
 
     def check_data(self, params: CnnParams, train: Split, holdout: Split) -> None:
@@ -273,32 +344,21 @@ class CnnFamily(ModelFamily):
         else:
             learning_rate, epochs = params.learning_rate, params.epochs
         net.to(device)
-        trainable = [p for p in net.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if params.optimizer == "adam":
-            optimizer = torch.optim.Adam(trainable, lr=learning_rate,
-                                         weight_decay=params.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9,
-                                        weight_decay=params.weight_decay)
         x = torch.from_numpy(np.ascontiguousarray(train.features, dtype=np.float32)).to(device)
         y = torch.from_numpy(train.labels.astype(np.int64)).to(device)
         # Shuffling draws from a CPU generator so the order is the same on every device.
         order = torch.Generator().manual_seed(common.seed)
-        loss_fn = nn.CrossEntropyLoss()
-        net.train()
-        epoch_loss = float("nan")
-        for _ in range(epochs):
-            permutation = torch.randperm(len(x), generator=order).to(device)
-            total = 0.0
-            for start in range(0, len(x), params.batch_size):
-                batch = permutation[start:start + params.batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(net(x[batch]), y[batch])
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(batch)
-            epoch_loss = total / len(x)
+        epoch_loss = _train(net, params, learning_rate, epochs, x, y, order)
+        changed: float | None = None
+        if weights is not None and params.update_fraction < 1.0:
+            # Delivery-aware fine-tune: keep only the largest changes, put every other
+            # weight back to the champion's exact bits, and train the kept ones again with
+            # the rest pinned. Unchanged weights cost a delta codec (nearly) nothing.
+            masks = _largest_changes(net, weights, params.update_fraction)
+            pin = _Pin(net, weights, masks)
+            pin()
+            epoch_loss = _train(net, params, learning_rate, epochs, x, y, order, pin)
+            changed = pin.fraction_changed()
         net.eval().cpu()
         details: dict[str, Any] = {
             "device": device.type,
@@ -313,7 +373,10 @@ class CnnFamily(ModelFamily):
             "optimizer": params.optimizer,
             "final_train_loss": epoch_loss,
             "warm_start": {"used": weights is not None, "reason": warm_reason,
-                           "frozen_layers": list(frozen)},
+                           "frozen_layers": list(frozen),
+                           "update_fraction": params.update_fraction if weights is not None
+                           else None,
+                           "weights_changed": changed},
         }
         return FittedModel(
             estimator=net,
