@@ -25,10 +25,28 @@ def pins(path: Path) -> dict[str, str]:
 
 def test_requirements_are_pinned_to_what_the_tests_run():
     for name, version in {**pins(IMAGE / "requirements.txt"),
+                          **pins(IMAGE / "requirements-cnn.txt"),
                           **pins(IMAGE / "constraints.txt")}.items():
         if name == "setuptools":  # a build-time backend only
             continue
-        assert importlib.metadata.version(name) == version, name
+        # The image adds the local variant itself (torch 2.13.0+cpu / +cu128).
+        assert importlib.metadata.version(name).split("+")[0] == version, name
+
+
+def test_cnn_extra_and_its_pins_name_the_same_packages():
+    project = tomllib.loads((IMAGE / "pyproject.toml").read_text())
+    extra = {re.split(r"[<>=]", r)[0] for r in project["project"]["optional-dependencies"]["cnn"]}
+    assert extra == set(pins(IMAGE / "requirements-cnn.txt")) == {"torch", "onnxscript"}
+
+
+def test_dockerfile_builds_cpu_by_default_and_cuda_on_request():
+    text = (IMAGE / "Dockerfile").read_text()
+    assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
+    # torch by exact local version from PyTorch's index: never PyPI's CUDA-bundling wheel
+    assert '"${torch_pin}+${TORCH_VARIANT}"' in text
+    assert '--extra-index-url "$TORCH_INDEX_URL/$TORCH_VARIANT"' in text
+    assert 'if [ "$TORCH_VARIANT" != "none" ]' in text
+    assert "COPY requirements.txt requirements-cnn.txt constraints.txt ./" in text
 
 
 def test_dockerfile_pins_the_base_and_keeps_the_sagemaker_contract():
