@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 
 DEVICES = 3
 RUN_LIMIT_S = 600  # a bound on a stuck run, not a speed assertion
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_LIMIT_S + 60)]
+pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(RUN_LIMIT_S + 60)]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from trainer.hyperparameters import CommonParams, Hyperparameters
 
 @dataclass
 class FittedModel:
-    """A trained estimator (scikit-learn, or a PyTorch module for `cnn`) plus what metrics.json and the ONNX metadata say about it."""
+    """A trained estimator (scikit-learn, or a PyTorch module for `cnn`) plus what
+    metrics.json and the ONNX metadata say about it."""
 
     estimator: Any
     details: dict[str, Any]
