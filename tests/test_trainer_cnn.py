@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mledge_edge.model import LoadedModel, run_smoke
 from mledge_update.hashing import sha256_hex
 from trainer import synthetic
@@ -236,12 +238,7 @@ ARCH = Architecture(image_shape=(8, 8), channels=(4, 8), dense_units=8, classes=
                     input_scale=16.0)
 
 
-@pytest.mark.parametrize("raw", [
-    "", " ", ",", ",,conv1,,", "conv1", "conv1,conv1", " head , dense ", "CONV1", "conv1;conv2",
-    "conv0", "conv3", "conv1,conv2,dense,head", "dense,head,conv1,conv2,conv1", "\u00e9", "\x00",
-    "conv1\nconv2", "a" * 500, "[\"conv1\"]",
-])
-def test_frozen_layers_parse_or_fail_clearly(raw: str):
+def _check_frozen_layers(raw: str) -> None:
     hp = Hyperparameters({"frozen_layers": raw})
     try:
         names = _frozen_layers(hp, ARCH)
@@ -250,3 +247,19 @@ def test_frozen_layers_parse_or_fail_clearly(raw: str):
     else:
         assert set(names) < set(ARCH.layer_names())
         assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("raw", [
+    "", " ", ",", ",,conv1,,", "conv1", "conv1,conv1", " head , dense ", "CONV1", "conv1;conv2",
+    "conv0", "conv3", "conv1,conv2,dense,head", "dense,head,conv1,conv2,conv1", "\u00e9", "\x00",
+    "conv1\nconv2", "a" * 500, "[\"conv1\"]",
+])
+def test_frozen_layers_parse_or_fail_clearly(raw: str):
+    _check_frozen_layers(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.lists(st.sampled_from(
+    ["conv1", "conv2", "dense", "head", "conv3", " ", "", "CONV1"]), max_size=6).map(",".join)))
+def test_frozen_layers_parse_or_fail_clearly_property(raw: str):
+    _check_frozen_layers(raw)
