@@ -13,15 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("kmeans_anomaly", "classifier", "cnn")
-FAMILY_METRICS = {
-    "kmeans_anomaly": ("silhouette",),
-    "classifier": ("accuracy", "macro_f1"),
-    "cnn": ("accuracy", "macro_f1"),
-}
-# Families whose trainer uses a GPU when it has one (PyTorch). The others never do, so
-# giving them one only costs money: the config refuses it.
-GPU_FAMILIES = ("cnn",)
+from mledge_update.families import FAMILIES, FAMILY_METRICS, GPU_FAMILIES
+from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
+
 # SageMaker instance families with NVIDIA GPUs: ml.g4dn, ml.g5, ml.g6, ml.p3, ml.p4d, ml.p5 ...
 SAGEMAKER_GPU_PREFIXES = ("ml.g", "ml.p")
 BACKENDS = ("sagemaker", "batch", "local")
@@ -86,22 +80,6 @@ class AbortConfig:
 @dataclass(frozen=True)
 class TimeoutConfig:
     in_progress_minutes: int = 30
-
-
-@dataclass(frozen=True)
-class UplinkPolicy:
-    before_model: str = "all"
-    anomalies: bool = True
-    sample_rate: float = 0.01
-    summary_interval_seconds: int = 60
-
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "before_model": self.before_model,
-            "anomalies": self.anomalies,
-            "sample_rate": self.sample_rate,
-            "summary_interval_seconds": self.summary_interval_seconds,
-        }
 
 
 @dataclass(frozen=True)
@@ -362,11 +340,13 @@ def _parse_timeout(f: _Fields) -> TimeoutConfig:
 
 
 def _parse_uplink(f: _Fields) -> UplinkPolicy:
+    d = UplinkPolicy()
     u = UplinkPolicy(
-        before_model=f.get("before_model", "str", "all", choices=("all", "none")),
-        anomalies=f.get("anomalies", "bool", True),
-        sample_rate=f.get("sample_rate", "float", 0.01, minimum=0.0, maximum=1.0),
-        summary_interval_seconds=f.get("summary_interval_seconds", "int", 60, minimum=1),
+        before_model=f.get("before_model", "str", d.before_model, choices=BEFORE_MODEL_CHOICES),
+        anomalies=f.get("anomalies", "bool", d.anomalies),
+        sample_rate=f.get("sample_rate", "float", d.sample_rate, minimum=0.0, maximum=1.0),
+        summary_interval_seconds=f.get("summary_interval_seconds", "int",
+                                       int(d.summary_interval_seconds), minimum=1),
     )
     f.done()
     return u

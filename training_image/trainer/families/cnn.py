@@ -36,6 +36,8 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 import torch
+from mledge_update import onnx_metadata
+from mledge_update.families import CNN
 from torch import nn
 
 from trainer.data import Split
@@ -46,7 +48,7 @@ from trainer.hyperparameters import CommonParams, Hyperparameters
 
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "sgd")
-ARCHITECTURE_KEY = "mledge.cnn.architecture"
+ARCHITECTURE_KEY = onnx_metadata.CNN_ARCHITECTURE
 # ONNX initializer names are the wrapped network's parameter names under this prefix.
 _PARAM_PREFIX = "net."
 # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
@@ -186,8 +188,8 @@ def champion_weights(champion_model: bytes | None, arch: Architecture
     except Exception as exc:  # protobuf raises DecodeError and others
         return None, f"champion is not a readable ONNX model ({type(exc).__name__})"
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("mledge.family") != CnnFamily.name:
-        return None, f"champion family is {meta.get('mledge.family')!r}, not 'cnn'"
+    if meta.get(onnx_metadata.FAMILY) != CnnFamily.name:
+        return None, f"champion family is {meta.get(onnx_metadata.FAMILY)!r}, not 'cnn'"
     if meta.get(ARCHITECTURE_KEY) != arch.to_json():
         return None, "champion architecture differs (image shape, channels, units or classes)"
     initializers = {t.name: t for t in model.graph.initializer}
@@ -273,7 +275,7 @@ class _Pin:
 
 
 class CnnFamily(ModelFamily):
-    name: ClassVar[str] = "cnn"
+    name: ClassVar[str] = CNN
     metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
     needs_labels: ClassVar[bool] = True
 
@@ -381,7 +383,7 @@ class CnnFamily(ModelFamily):
         return FittedModel(
             estimator=net,
             details=details,
-            metadata={"mledge.classes": json.dumps(list(range(arch.classes))),
+            metadata={onnx_metadata.CLASSES: json.dumps(list(range(arch.classes))),
                       ARCHITECTURE_KEY: arch.to_json()},
         )
 
@@ -423,3 +425,6 @@ class CnnFamily(ModelFamily):
     def evaluate(self, fitted: FittedModel, params: CnnParams, common: CommonParams,
                  holdout: Split, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         return classification_metrics(holdout, labels)
+
+
+FAMILY = CnnFamily
