@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mledge_update.families import FAMILIES, FAMILY_METRICS
+from mledge_update.families import FAMILIES, FAMILY_METRICS, GPU_FAMILIES
 from mledge_update.naming import MODEL_NAME
 from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
 
+# SageMaker instance families with NVIDIA GPUs: ml.g4dn, ml.g5, ml.g6, ml.p3, ml.p4d, ml.p5 ...
+SAGEMAKER_GPU_PREFIXES = ("ml.g", "ml.p")
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
 # Used with fullmatch (`$` would also match before a trailing newline).
@@ -230,7 +232,7 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         thing_group=f.get("thing_group", "str"),
         delta_history=f.get("delta_history", "int", 3, minimum=0, maximum=10),
         schema=_parse_schema(f.sub("schema")),
-        training=_parse_training(f.sub("training")),
+        training=_parse_training(f.sub("training"), family),
         hyperparameters=_parse_hyperparameters(f.sub("hyperparameters")),
         rollout=_parse_rollout(f.sub("rollout")),
         abort=_parse_abort(f.sub("abort")),
@@ -276,7 +278,12 @@ def _parse_schema(f: _Fields) -> FeatureSchema:
     return FeatureSchema(features, label, label_values, min_value, max_value)
 
 
-def _parse_training(f: _Fields) -> TrainingConfig:
+def is_gpu_instance(instance_type: str) -> bool:
+    """A SageMaker instance type with an NVIDIA GPU (ml.g4dn.xlarge, ml.g5.2xlarge, ml.p3...)."""
+    return instance_type.startswith(SAGEMAKER_GPU_PREFIXES)
+
+
+def _parse_training(f: _Fields, family: str) -> TrainingConfig:
     t = TrainingConfig(
         backend=f.get("backend", "str", "sagemaker", choices=BACKENDS),
         instance_type=f.get("instance_type", "str", "ml.m5.large"),
@@ -289,6 +296,13 @@ def _parse_training(f: _Fields) -> TrainingConfig:
     )
     if t.backend == "sagemaker" and not t.instance_type.startswith("ml."):
         f.fail("instance_type", f"SageMaker instance types start with 'ml.', got {t.instance_type!r}")
+    if family not in GPU_FAMILIES:
+        why = f"the {family} family never uses a GPU (GPU families: {', '.join(GPU_FAMILIES)})"
+        if t.gpu_count > 0:
+            f.fail("gpu_count", f"must be 0: {why}")
+        if t.backend == "sagemaker" and is_gpu_instance(t.instance_type):
+            f.fail("instance_type", f"{t.instance_type} is a GPU instance: {why}; "
+                                    "use a CPU type such as ml.m5.large")
     if t.schedule is not None and not re.match(r"^(rate|cron)\(.+\)$", t.schedule):
         f.fail("schedule", "must be an EventBridge expression like 'rate(1 day)' or 'cron(...)'")
     f.done()

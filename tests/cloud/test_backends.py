@@ -79,11 +79,11 @@ def test_job_names_fit_sagemaker_and_parse_back():
 def test_hyperparameters_follow_the_container_contract(config):
     hp = training_hyperparameters(config.models["dig"], 7)
     assert all(isinstance(v, str) for v in hp.values())
-    assert hp["family"] == "classifier" and hp["model_name"] == "dig"
+    assert hp["family"] == "cnn" and hp["model_name"] == "dig"
     assert hp["model_version"] == "7" and hp["metric"] == "accuracy"
     assert json.loads(hp["features"]) == ["px0", "px1", "px2", "px3"]
     assert hp["label_mode"] == "required"
-    assert hp["estimator"] == "mlp" and hp["max_iter"] == "50"
+    assert hp["image_shape"] == "2,2" and hp["epochs"] == "50"
 
 
 # ------------------------------------------------------------------ SageMaker
@@ -105,7 +105,7 @@ def test_sagemaker_job_carries_the_configured_fields(aws, settings, config):
     assert channels["champion"]["S3Uri"] == \
         f"s3://{settings.bucket}/releases/vib/v00001/model.onnx"
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{settings.bucket}/models/vib/"
-    assert job["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
+    assert job["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
     assert job["ResourceConfig"]["InstanceCount"] == 1
     assert job["ResourceConfig"]["VolumeSizeInGB"] == 40
     assert job["StoppingCondition"]["MaxRuntimeInSeconds"] == 1800
