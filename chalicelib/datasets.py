@@ -62,6 +62,8 @@ STRATUM_SQL = {
     "label": "COALESCE(CAST(r.label AS VARCHAR), 'none')",
 }
 """How each `stratify_by` name is computed (the same text in DuckDB and Athena)."""
+MAX_STRATA = 4000
+"""Sampled strata one query may name (each is a CASE branch; Athena takes 256 KB of SQL)."""
 ATHENA_POLL_SECONDS = 2.0
 ATHENA_TIMEOUT_SECONDS = 600.0
 
@@ -208,32 +210,39 @@ def _weight(spec: DatasetConfig, values: tuple[str, ...]) -> float:
 
 def dataset_sql(spec: DatasetConfig, source: str, model: str, window: Window, cutoff: int,
                 allocation: Allocation) -> str:
+    """The dataset query. Each stratum's probability is a CASE over the stratum key, a
+    filter the engine evaluates while it scans (measured 2x faster in DuckDB than joining
+    a VALUES table, which made every row carry its features through the join)."""
+    if len(allocation.probabilities) > MAX_STRATA:
+        raise DatasetError(f"{len(allocation.probabilities)} strata to sample (at most "
+                           f"{MAX_STRATA}, so the query fits Athena's 256 KB): stratify by "
+                           "fewer columns")
     strata = _strata(spec)
-    names = [f"s{i}" for i in range(len(strata))]
-    rows = [f"({', '.join(_literal(v) for v in k)}, {_double(p)})"
-            for k, p in sorted(allocation.probabilities.items())]
-    # A row that matches nothing keeps VALUES valid when no stratum is sampled.
-    rows.append(f"({', '.join('CAST(NULL AS VARCHAR)' for _ in names)}, 0E0)")
-    on = " AND ".join(f"{e} = q.{n}" for e, n in zip(strata, names, strict=True))
+    key = strata[0] if len(strata) == 1 else " || chr(31) || ".join(strata)
+    whens = " ".join(f"WHEN {_literal(chr(31).join(k))} THEN {_double(p)}"
+                     for k, p in sorted(allocation.probabilities.items()))
+    probability = f"CASE {key} {whens} ELSE 0E0 END" if whens else "0E0"
     labelled = spec.include_labelled
-    keep = ("(r.label IS NOT NULL OR r.sample_key < q.p)" if labelled else "r.sample_key < q.p")
-    sample_p = "CASE WHEN r.label IS NOT NULL THEN 1E0 ELSE q.p END" if labelled else "q.p"
+    keep = (f"(r.label IS NOT NULL OR r.sample_key < {probability})" if labelled
+            else f"r.sample_key < {probability}")
+    sample_p = (f"CASE WHEN r.label IS NOT NULL THEN 1E0 ELSE {probability} END" if labelled
+                else probability)
     order = ("CASE WHEN label IS NULL THEN 1 ELSE 0 END, sample_key, id" if labelled
              else "sample_key, id")
-    values = ",\n  ".join(rows)
-    return f"""WITH quota ({', '.join(names)}, p) AS (
-  VALUES
-  {values}
-),
-picked AS (
+    return f"""WITH picked AS (
   SELECT r.id, r.thing, r.ts, r.received_at, r.features, r.label, r.reason, r.inclusion_p,
-         r.sample_key, {sample_p} AS sample_p, r.dt, r.source,
-         row_number() OVER (PARTITION BY r.id ORDER BY r.received_at, r.dt, r.source) AS copy
-  FROM {source} r LEFT JOIN quota q ON {on}
-  WHERE {_where(model, window, cutoff)} AND {keep}
+         r.sample_key, {sample_p} AS sample_p, r.dt, r.source
+  FROM {source} r
+  WHERE {_where(model, window, cutoff)}
+    AND {keep}
+),
+ranked AS (
+  SELECT p.*,
+         row_number() OVER (PARTITION BY p.id ORDER BY p.received_at, p.dt, p.source) AS copy
+  FROM picked p
 )
 SELECT {', '.join(DATASET_COLUMNS)}
-FROM picked
+FROM ranked
 WHERE copy = 1
 ORDER BY {order}
 LIMIT {int(spec.max_records)}"""

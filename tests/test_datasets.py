@@ -153,7 +153,7 @@ def test_the_sql_parses_as_trino_and_as_duckdb():
                 dataset_sql(spec, relation(DATABASE), MODEL, window, 42, allocation)):
         for dialect in ("trino", "duckdb"):
             sqlglot.parse_one(sql, read=dialect)  # raises on a syntax error
-        assert "'it''s'" in sql or "GROUP BY" in sql
+        assert "it''s" in sql or "GROUP BY" in sql
     unload = unload_sql("SELECT 1", "s3://b/datasets/vib/v00001/data/")
     sqlglot.parse_one(unload.replace("UNLOAD (", "SELECT * FROM (", 1).split(") TO")[0] + ")",
                       read="trino")
@@ -420,3 +420,26 @@ def test_a_dataset_model_without_data_in_its_window_does_not_start(aws, settings
         trigger.start_training("vib")
     assert isinstance(caught.value.__cause__, NoDataError)  # recorded FAILED, lock released
     assert StateStore(settings.state_table, aws.dynamodb).training_lock("vib") is None
+
+
+def test_two_stratum_columns_run_on_duckdb(aws, settings, compacted):
+    lines = [record(f"s{i}", reason="sample", inclusion_p=0.5) for i in range(100)]
+    lines += [record(f"f{i}", reason="flagged", inclusion_p=1.0) for i in range(100)]
+    put_day(aws.s3, settings.bucket, 6, lines)
+    put_day(aws.s3, settings.bucket, 7, lines[:100], "again")  # the same ids a day later
+    compacted()
+    build(aws, settings, model_config(max_records=60, stratify_by=["day", "reason"],
+                                      weights={"reason=sample": 0.0}))
+    rows = dataset_rows(aws.s3, settings.bucket, 1)
+    assert rows and {r["reason"] for r in rows} == {"flagged"}
+    assert len({r["id"] for r in rows}) == len(rows) <= 60
+
+
+def test_too_many_strata_is_a_clear_error():
+    from chalicelib.datasets import MAX_STRATA
+
+    spec = model_config(stratify_by=["thing"], max_records=10**6).dataset
+    counts = [StratumCount((f"t{i}",), False, 10**4) for i in range(MAX_STRATA + 1)]
+    with pytest.raises(DatasetError, match="stratify by fewer columns"):
+        dataset_sql(spec, relation(DATABASE), MODEL, Window("2026-01-01", "2026-01-02"), 1,
+                    allocate(spec, counts))
