@@ -50,6 +50,8 @@ PER_OBJECT = 1000
 RECORDS_PER_DAY = 1_000_000
 FIRST_DAY = datetime(2026, 1, 1, tzinfo=UTC)
 GIB = 2**30
+DUCKDB_MEMORY = "4GB"
+"""The machine is shared: DuckDB spills past this instead of taking 80 % of RAM."""
 
 
 # ------------------------------------------------------------------ a directory as S3
@@ -272,7 +274,8 @@ def phase_build(root: Path, max_records: int, days: int) -> dict[str, Any]:
 
     def engine(name: str, partitions, workdir: Path):
         return DuckDbEngine(s3=s3, bucket="bench", database="mledge_bench_data", model=MODEL,
-                            partitions=partitions, workdir=workdir, local_root=root)
+                            partitions=partitions, workdir=workdir, local_root=root,
+                            memory_limit=DUCKDB_MEMORY)
 
     now = (FIRST_DAY + timedelta(days=days - 1, hours=23)).timestamp()
     shutil.rmtree(root / "datasets", ignore_errors=True)
