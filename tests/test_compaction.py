@@ -327,3 +327,21 @@ def config():
 def _no_leftover_runtime() -> Iterator[None]:
     yield
     set_runtime(None)
+
+
+def test_the_glue_table_has_the_compacted_columns_and_the_partition_layout():
+    import pyarrow as pa
+
+    from tests.infra_support import PIPELINE_TEMPLATE, load_template
+
+    hive = {pa.string(): "string", pa.float64(): "double", pa.int64(): "bigint",
+            pa.bool_(): "boolean", pa.list_(pa.float64()): "array<double>"}
+    table = load_template(PIPELINE_TEMPLATE)["Resources"]["TelemetryTable"]["Properties"]
+    columns = table["TableInput"]["StorageDescriptor"]["Columns"]
+    assert [(c["Name"], c["Type"]) for c in columns] == \
+        [(f.name, hive[f.type]) for f in COMPACTED_SCHEMA]
+    assert [k["Name"] for k in table["TableInput"]["PartitionKeys"]] == ["model", "dt"]
+    template = table["TableInput"]["Parameters"]["storage.location.template"]["Fn::Sub"]
+    # The same layout as chalicelib.layout.compacted_partition_prefix:
+    assert template.endswith(
+        "/" + layout.compacted_partition_prefix("${!model}", "${!dt}"))
