@@ -42,7 +42,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -273,12 +272,12 @@ def _parse_line_by_line(body: bytes) -> pa.Table:
 
 def to_compacted(rows: pa.Table, sources: Sequence[tuple[str, int]], run: int) -> pa.Table:
     """Add sample_key, source and compaction_run to rows of `sources` (in that order)."""
-    n = rows.num_rows
-    names = np.array([s for s, _ in sources], dtype=object)
+    source = pa.concat_arrays([pa.repeat(pa.scalar(name, pa.string()), count)
+                               for name, count in sources]) if sources \
+        else pa.array([], pa.string())
     return pa.table(
-        [*rows.columns, sample_keys(rows.column("id").to_pylist()),
-         pa.array(np.repeat(names, [c for _, c in sources]), type=pa.string()),
-         pa.array(np.full(n, run, dtype=np.int64))],
+        [*rows.columns, sample_keys(rows.column("id").to_pylist()), source,
+         pa.repeat(pa.scalar(run, pa.int64()), rows.num_rows)],
         schema=COMPACTED_SCHEMA)
 
 
