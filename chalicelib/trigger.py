@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 # The schedule handler runs this often (app.py uses the same constant); a
 # model's `training.schedule` is honoured to within one tick.
 SCHEDULE_TICK_MINUTES = 15
+# What a training start may spend compacting before it builds a dataset (the raw-events
+# Lambda runs up to 600 s); a large backlog is left to the compaction schedule.
+TRIGGER_COMPACTION_SECONDS = 240
 
 
 class TriggerError(Exception):
@@ -459,7 +462,8 @@ class Trigger:
             return write_snapshot(self.clients.s3, self.settings.bucket, model.name, version)
         s3, bucket = self.clients.s3, self.settings.bucket
         compaction = compact_model(model.name, s3=s3, state=self.state, bucket=bucket,
-                                   now=self.clock())
+                                   now=self.clock(),
+                                   deadline=time.time() + TRIGGER_COMPACTION_SECONDS)
         try:
             built = build_dataset(
                 model, version, s3=s3, bucket=bucket, database=self.settings.athena_database,
