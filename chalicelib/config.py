@@ -117,7 +117,7 @@ class DatasetConfig:
     weights: dict[str, float] = field(default_factory=dict)
     include_labelled: bool = True
     engine: str = "auto"
-    athena_above_records: int = 20_000_000
+    athena_above_records: int = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -404,7 +404,7 @@ def _parse_dataset(f: _Fields) -> DatasetConfig:
         weights=weights,
         include_labelled=f.get("include_labelled", "bool", True),
         engine=f.get("engine", "str", "auto", choices=DATASET_ENGINES),
-        athena_above_records=f.get("athena_above_records", "int", 20_000_000, minimum=1),
+        athena_above_records=f.get("athena_above_records", "int", 5_000_000, minimum=1),
     )
     f.done()
     return d
