@@ -47,6 +47,7 @@ from mledge_update.document import (
 )
 from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFormatError
 from mledge_update.hashing import sha256_hex
+from mledge_update.naming import iot_job_id
 
 from chalicelib import layout, ota
 from chalicelib.aws import AwsClients, error_code
@@ -223,7 +224,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         rollback=event.rollback,
     )
     manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = ota.job_id_for(model, version, rollback_from=registry.released_version(model)
+    job_id = iot_job_id(model, version, rollback_from=registry.released_version(model)
                             if event.rollback else None)
     manifest_key = (f"{prefix}manifest.json" if not event.rollback
                     else f"{prefix}rollback-{job_id}.json")

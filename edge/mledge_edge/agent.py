@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from mledge_update.document import OPERATION
+from mledge_update.topics import telemetry_topic
 
 from .config import AgentConfig
 from .download import Downloader
@@ -43,10 +44,6 @@ def crash_hook_from_env() -> CrashHook:
             os._exit(CRASH_EXIT_CODE)
 
     return hook
-
-
-def telemetry_topic(model: str, thing: str, kind: str = "telemetry") -> str:
-    return f"dt/mledge/{model}/{thing}/{kind}"
 
 
 class Agent:
