@@ -61,6 +61,7 @@ bench: env
 	$(PY) bench/ingest.py
 	$(PY) bench/delta.py
 	$(PY) bench/train.py
+	$(PY) bench/data.py --sizes 1000000
 
 clean:
 	rm -rf $(VENV) demo-output .devstack .pytest_cache .ruff_cache .mypy_cache

@@ -21,6 +21,8 @@ from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
 SAGEMAKER_GPU_PREFIXES = ("ml.g", "ml.p")
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
+DATASET_ENGINES = ("auto", "duckdb", "athena")
+DATASET_STRATA = ("day", "thing", "reason", "label")
 # Used with fullmatch (`$` would also match before a trailing newline).
 FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
@@ -93,6 +95,26 @@ class PackagingConfig:
 
 
 @dataclass(frozen=True)
+class DatasetConfig:
+    """What a version trains on, built by SQL over the compacted Parquet (chalicelib/datasets.py).
+
+    The last `window_days` days; labelled records always (when `include_labelled`);
+    the rest a sample stratified by `stratify_by`, each stratum's share of the budget
+    proportional to its weight (`weights`: "column=value" -> factor, default 1);
+    never more than `max_records` in all. DuckDB builds it in-process up to
+    `athena_above_records` records in the window; Athena above (engine "auto").
+    """
+
+    window_days: int = 365
+    max_records: int = 2_000_000
+    stratify_by: tuple[str, ...] = ("day",)
+    weights: dict[str, float] = field(default_factory=dict)
+    include_labelled: bool = True
+    engine: str = "auto"
+    athena_above_records: int = 5_000_000
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     family: str
@@ -112,6 +134,8 @@ class ModelConfig:
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     uplink: UplinkPolicy = field(default_factory=UplinkPolicy)
     packaging: PackagingConfig = field(default_factory=PackagingConfig)
+    dataset: DatasetConfig | None = None
+    """None: train on every raw object (the snapshot of docs/retraining.md)."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +263,7 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         timeout=_parse_timeout(f.sub("timeout")),
         uplink=_parse_uplink(f.sub("uplink")),
         packaging=_parse_packaging(f.sub("packaging")),
+        dataset=_parse_dataset(f.sub("dataset")) if "dataset" in f.table else None,
     )
     f.done()
     return model
@@ -372,3 +397,34 @@ def _parse_uplink(f: _Fields) -> UplinkPolicy:
     )
     f.done()
     return u
+
+
+def _parse_dataset(f: _Fields) -> DatasetConfig:
+    strata = f.get("stratify_by", "any", ["day"])
+    if not (isinstance(strata, list) and all(isinstance(x, str) for x in strata)
+            and len(set(strata)) == len(strata)):
+        f.fail("stratify_by", f"must be a list of distinct names from "
+                              f"{', '.join(DATASET_STRATA)}; got {_show(strata)}")
+    for name in strata:
+        if name not in DATASET_STRATA:
+            f.fail("stratify_by", f"unknown stratum {name!r} (one of {', '.join(DATASET_STRATA)})")
+    weights_f = f.sub("weights")
+    weights: dict[str, float] = {}
+    for key in weights_f.table:
+        column, sep, value = key.partition("=")
+        if not sep or column not in strata or not value:
+            weights_f.fail(key, f"must be 'column=value' with a column of stratify_by "
+                                f"({', '.join(strata) or 'none'})")
+        weights[key] = weights_f.get(key, "float", minimum=0.0)
+    weights_f.done()
+    d = DatasetConfig(
+        window_days=f.get("window_days", "int", 365, minimum=1, maximum=3650),
+        max_records=f.get("max_records", "int", 2_000_000, minimum=10, maximum=10**9),
+        stratify_by=tuple(strata),
+        weights=weights,
+        include_labelled=f.get("include_labelled", "bool", True),
+        engine=f.get("engine", "str", "auto", choices=DATASET_ENGINES),
+        athena_above_records=f.get("athena_above_records", "int", 5_000_000, minimum=1),
+    )
+    f.done()
+    return d

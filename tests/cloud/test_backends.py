@@ -306,6 +306,29 @@ def test_local_backend_runs_the_real_trainer_and_completion_takes_its_event(
     assert state.training_lock("loc") is None
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _trainer_available(), reason="the trainer package is not importable")
+def test_a_dataset_model_trains_on_parquet_end_to_end(aws, settings, tmp_path, local_events):
+    """Compaction, the DuckDB dataset, the local backend, the real trainer on Parquet."""
+    import tomllib
+
+    from chalicelib.config import parse_pipeline_config
+    from tests.cloud.trigger_helpers import TEST_PIPELINE
+
+    config = parse_pipeline_config(tomllib.loads(
+        TEST_PIPELINE + "\n[models.loc.dataset]\nwindow_days = 3650\nmax_records = 200\n"))
+    backend = LocalBackend(aws.s3, aws.events, env=subprocess_env(), work_root=tmp_path / "jobs")
+    started = start_via_trigger(aws, settings, config, "loc", backend, records=300)
+    assert started.records <= 200
+    job = wait_for_local_job(started.job_name, timeout=240)
+    assert job.status == "Completed", job.failure_reason
+    [event] = local_events()
+    members = artifact_members(aws, event["detail"]["ModelArtifacts"]["S3ModelArtifacts"])
+    metrics = json.loads(members["metrics.json"])
+    assert metrics["data"]["records"] == started.records
+    assert metrics["data"]["files"] == 1  # datasets/loc/v00001/data/part-00000.parquet
+
+
 # ------------------------------------------------------------------ Batch launcher
 
 

@@ -28,7 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from trainer import onnx_export
-from trainer.data import Split, describe_skipped, load_dataset, split_dataset
+from trainer.columnar import load_channel
+from trainer.data import Split, describe_skipped, split_dataset
 from trainer.errors import ChampionError, DataError, TrainingError
 from trainer.families import ModelFamily, get_family
 from trainer.families.base import FittedModel
@@ -99,7 +100,7 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
         f"{len(common.features)} features, params {params}")
 
     phase.start()
-    data = load_dataset(paths.train_channel, len(common.features),
+    data = load_channel(paths.train_channel, len(common.features),
                         with_labels=family.needs_labels)
     log(f"loaded {len(data)} usable records from {data.files} files in "
         f"{phase.end('load'):.2f}s; skipped {data.skipped} "
