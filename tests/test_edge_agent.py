@@ -166,3 +166,18 @@ def test_agent_catches_up_after_the_broker_restarts(tmp_path, artifacts, models)
                 fake.close()
     finally:
         agent.stop()
+
+
+def test_partial_download_of_a_job_canceled_while_off_is_deleted(tmp_path, mosquitto, iot):
+    # A download cut by a power loss; meanwhile the job was canceled, so nothing is pending.
+    downloads = tmp_path / "state" / "downloads"
+    downloads.mkdir(parents=True)
+    stale = "cd" * 32
+    (downloads / f"{stale}.part").write_bytes(b"x" * 4096)
+    (downloads / f"{stale}.json").write_text('{"offset": 4096}')
+    agent = Agent(agent_config(tmp_path, mosquitto))
+    agent.start()
+    try:
+        wait_until(lambda: not any(downloads.iterdir()))
+    finally:
+        agent.stop()

@@ -86,6 +86,7 @@ class Agent:
         self.jobs = JobsClient(
             self.link, config.thing, self._handle_execution,
             request_timeout_s=config.request_timeout, before_start_next=self._report_pending,
+            on_idle=self._idle,
         )
         self.counter = UplinkCounter()
         self._policy = UplinkPolicy()
@@ -177,6 +178,10 @@ class Agent:
             log.info("reported job %s SUCCEEDED (installed before a restart)", pending.job_id)
             self.store.clear_pending(pending.job_id)
             self.store.crash_hook("after_report")
+
+    def _idle(self) -> None:
+        """No job is pending: nothing will resume a partial download (its job was canceled)."""
+        self.downloader.discard_others()
 
     def _handle_execution(self, jobs: JobsClient, execution: JobExecution) -> None:
         job_id = execution.job_id
