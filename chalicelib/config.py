@@ -71,10 +71,15 @@ class RolloutConfig:
     maximum_per_minute: int = 1000
 
 
+ABORT_FAILURE_TYPES = ("ALL", "FAILED", "REJECTED", "TIMED_OUT")
+
+
 @dataclass(frozen=True)
 class AbortConfig:
     failure_percent: float = 10.0
     min_executed_things: int = 10
+    # ALL: a model that fails on the device (REJECTED: smoke rows, load) aborts too.
+    failure_type: str = "ALL"
 
 
 @dataclass(frozen=True)
@@ -330,6 +335,7 @@ def _parse_abort(f: _Fields) -> AbortConfig:
     a = AbortConfig(
         failure_percent=f.get("failure_percent", "float", 10.0, minimum=0.0, maximum=100.0),
         min_executed_things=f.get("min_executed_things", "int", 10, minimum=1),
+        failure_type=f.get("failure_type", "str", "ALL", choices=ABORT_FAILURE_TYPES),
     )
     f.done()
     return a

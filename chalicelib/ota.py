@@ -53,6 +53,7 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
         "presignedUrlConfig": {"roleArn": presign_role_arn,
                                "expiresInSec": PRESIGNED_URL_EXPIRY_SECONDS},
         "jobExecutionsRolloutConfig": {
+            "maximumPerMinute": rollout.maximum_per_minute,
             "exponentialRate": {
                 "baseRatePerMinute": rollout.base_rate_per_minute,
                 "incrementFactor": rollout.increment_factor,
@@ -62,7 +63,7 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
             },
         },
         "abortConfig": {"criteriaList": [{
-            "failureType": "FAILED",
+            "failureType": abort.failure_type,
             "action": "CANCEL",
             "thresholdPercentage": abort.failure_percent,
             "minNumberOfExecutedThings": abort.min_executed_things,
