@@ -181,3 +181,23 @@ def test_partial_download_of_a_job_canceled_while_off_is_deleted(tmp_path, mosqu
         wait_until(lambda: not any(downloads.iterdir()))
     finally:
         agent.stop()
+
+
+def test_a_canary_job_reports_the_new_models_health_with_succeeded(tmp_path, mosquitto, iot,
+                                                                   artifacts, models):
+    agent = Agent(agent_config(tmp_path, mosquitto))
+    agent.start()
+    try:
+        v1 = make_release(artifacts, 1, models[1])
+        iot.add_job("dev-1", "job-v1",
+                    lambda: {**document_for(artifacts, v1), "health": {"readings": 40}})
+        done = iot.wait_for_terminal("dev-1", "job-v1")
+        assert done.status == "SUCCEEDED", done.status_details
+        details = done.status_details
+        assert details["health_readings"] == "40" and details["codec"] == "full:zstd"
+        assert 0.0 <= float(details["health_anomaly_rate"]) < 0.5
+        assert float(details["health_error_rate"]) == 0.0
+        assert float(details["health_latency_p95_ms"]) > 0.0
+        assert [d.get("stage") for _, d in done.history][-2] == "health"
+    finally:
+        agent.stop()
