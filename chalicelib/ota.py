@@ -30,10 +30,13 @@ class OtaError(Exception):
     """The IoT Job for a release could not be created."""
 
 
-def job_id_for(model: str, version: int, *, rollback_from: int | None = None) -> str:
+def job_id_for(model: str, version: int, *, rollback_from: int | None = None,
+               canary: bool = False) -> str:
     job_id = f"mledge-{model}-v{version:05d}"
     if rollback_from is not None:
         job_id += f"-rollback-from-v{rollback_from:05d}"
+    if canary:
+        job_id += "-canary"
     return job_id[:64]
 
 
@@ -91,7 +94,7 @@ def thing_group_arn(iot: Any, group: str) -> str:
 
 def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                       model_config: ModelConfig, presign_role_arn: str, stage: str,
-                      version: int) -> bool:
+                      version: int, thing_group: str | None = None) -> bool:
     """Create the release's job unless it exists; True when created now."""
     try:
         iot.describe_job(jobId=job_id)
@@ -104,7 +107,7 @@ def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                        "presign the download URLs")
     request = job_request(
         job_id=job_id, document=document, model_config=model_config,
-        target_arn=thing_group_arn(iot, model_config.thing_group),
+        target_arn=thing_group_arn(iot, thing_group or model_config.thing_group),
         presign_role_arn=presign_role_arn, stage=stage, version=version,
     )
     try:

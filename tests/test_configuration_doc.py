@@ -9,6 +9,7 @@ from pathlib import Path
 
 from chalicelib.config import (
     AbortConfig,
+    CanaryConfig,
     FeatureSchema,
     ModelConfig,
     RolloutConfig,
@@ -20,12 +21,13 @@ from chalicelib.config import (
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
 NOT_TOML_FIELDS = {"name"}  # the table's key, not a field inside it
-SUB_TABLES = {"schema", "training", "hyperparameters", "rollout", "abort", "timeout", "uplink"}
+SUB_TABLES = {"schema", "training", "hyperparameters", "rollout", "abort", "timeout", "uplink",
+              "canary"}
 
 
 def test_every_config_field_is_documented() -> None:
     for cls in (ModelConfig, FeatureSchema, TrainingConfig, RolloutConfig, AbortConfig,
-                TimeoutConfig, UplinkPolicy):
+                TimeoutConfig, UplinkPolicy, CanaryConfig):
         for f in dataclasses.fields(cls):
             if f.name in NOT_TOML_FIELDS:
                 continue
