@@ -7,7 +7,7 @@ import os
 from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, SQSEvent
 
-from chalicelib import completion, ingest, operator_api, packaging, trigger
+from chalicelib import canary, completion, ingest, operator_api, packaging, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -126,3 +126,11 @@ def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
     return packaging.handle_model_approved(event.detail, clients=rt.clients,
                                            settings=rt.settings, config=rt.config).to_dict()
+
+
+# --- health-gated rollout (chalicelib/canary.py): promote a healthy canary, roll back a bad one ---
+
+@app.schedule(Rate(canary.TICK_MINUTES, unit=Rate.MINUTES))
+def canary_tick(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    canary.tick(clients=rt.clients, settings=rt.settings, config=rt.config)

@@ -34,6 +34,7 @@ bytes both ways, download bytes, crashes. `FleetStatus` aggregates them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class WorkerSpec:
 # ---------------------------------------------------------------- one device
 
 
-class SimulatedPowerLoss(BaseException):  # noqa: N818 - not an error: a simulated event
+class SimulatedPowerLoss(BaseException):
     """Raised by the crash hook: unwinds the agent's jobs thread like a power cut."""
 
 
@@ -384,10 +385,8 @@ class FleetSimulator:
 
         iot = self.stack.clients.iot
         for group in self.extra_groups:
-            try:
+            with contextlib.suppress(iot.exceptions.ResourceAlreadyExistsException):
                 iot.create_thing_group(thingGroupName=group)
-            except iot.exceptions.ResourceAlreadyExistsException:
-                pass
         for thing in self.things:
             self.stack.provision_thing(thing, self.model)
             for group, members in self.extra_groups.items():
@@ -467,10 +466,6 @@ class FleetSimulator:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def iter_workers(count: int) -> Iterator[int]:
-    yield from range(count)
 
 
 def main(argv: list[str] | None = None) -> None:
