@@ -399,6 +399,24 @@ def test_exponential_rate_grows_with_succeeded_things_up_to_the_maximum(engine, 
     assert len(executions(backend, "job-1")) == 4 + 8 + 8
 
 
+def test_continuous_job_with_a_rate_reaches_each_thing_once(engine, backend, clock):
+    add_things(backend, 8)
+    create_job(backend, "job-1", target_selection="CONTINUOUS", rollout={"maximumPerMinute": 4})
+    for _ in range(5):  # repeated syncs must not queue the waiting things again
+        engine.sync()
+    assert len(executions(backend, "job-1")) == 4
+    clock.now += 61
+    for _ in range(5):
+        engine.sync()
+    assert len(executions(backend, "job-1")) == 8
+    backend.create_thing("dev-late", None, {})
+    backend.add_thing_to_thing_group("fleet", None, "dev-late", None)
+    clock.now += 61
+    engine.sync()
+    assert len(executions(backend, "job-1")) == 11
+    assert all(status == "QUEUED" for status in executions(backend, "job-1").values())
+
+
 def test_exponential_rate_by_notified_things(engine, backend, clock):
     add_things(backend, 18)  # 20 things
     create_job(backend, "job-1", rollout={

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import resource
 import signal
 import sys
 import threading
@@ -73,6 +74,7 @@ class FaultPlan:
     offline_seconds: float = 20.0
     slow_bytes_per_second: float = 4096.0
     crash_step: str = "before_state_write"
+    exempt: tuple[str, ...] = ()  # things that suffer nothing (e.g. the canary devices)
 
     def __post_init__(self) -> None:
         for name in FAULTS:
@@ -84,8 +86,10 @@ class FaultPlan:
         """thing -> its faults: exactly round(share * n) devices per fault, by seed."""
         rng = random.Random(self.seed)
         out: dict[str, list[str]] = {thing: [] for thing in things}
+        candidates = [t for t in things if t not in set(self.exempt)]
         for name in FAULTS:
-            for thing in rng.sample(things, round(getattr(self, name) * len(things))):
+            count = min(len(candidates), round(getattr(self, name) * len(things)))
+            for thing in rng.sample(candidates, count):
                 out[thing].append(name)
         return out
 
@@ -115,7 +119,7 @@ class WorkerSpec:
     def load(cls, path: Path) -> WorkerSpec:
         raw = json.loads(path.read_text())
         raw["devices"] = [DeviceSpec(**d) for d in raw["devices"]]
-        raw["faults"] = FaultPlan(**raw["faults"])
+        raw["faults"] = FaultPlan(**{**raw["faults"], "exempt": tuple(raw["faults"]["exempt"])})
         return cls(**raw)
 
 
@@ -284,8 +288,8 @@ class SimulatedDevice:
 
 def run_worker(spec_path: Path) -> None:
     spec = WorkerSpec.load(spec_path)
-    logging.basicConfig(level=spec.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=spec.log_level,  # the thread name carries the thing name
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -296,6 +300,7 @@ def run_worker(spec_path: Path) -> None:
     def write_status() -> None:
         body = {"pid": os.getpid(), "at": time.time(),
                 "cpu_seconds": sum(os.times()[:2]),
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "devices": {d.spec.thing: d.snapshot() for d in devices}}
         tmp = Path(spec.status_path + ".tmp")
         tmp.write_text(json.dumps(body))
@@ -339,6 +344,7 @@ def run_worker(spec_path: Path) -> None:
 class FleetStatus:
     devices: dict[str, dict[str, Any]]
     worker_cpu_seconds: float
+    worker_peak_rss_mb: float = 0.0
 
     def serving(self, version: int) -> int:
         return sum(1 for d in self.devices.values() if d["serving"] == version)
@@ -423,7 +429,7 @@ class FleetSimulator:
 
     def status(self) -> FleetStatus:
         devices: dict[str, dict[str, Any]] = {}
-        cpu = 0.0
+        cpu = rss = 0.0
         for n in range(len(self.workers)):
             path = self.directory / f"status-{n}.json"
             try:
@@ -432,10 +438,11 @@ class FleetSimulator:
                 continue
             devices.update(body["devices"])
             cpu += float(body.get("cpu_seconds", 0.0))
+            rss = max(rss, float(body.get("rss_mb", 0.0)))
         for worker in self.workers:
             if not worker.alive():
                 raise FleetError(f"{worker.name} exited: {worker.log_tail()}")
-        return FleetStatus(devices, cpu)
+        return FleetStatus(devices, cpu, rss)
 
     def wait(self, done: Callable[[FleetStatus], bool], *, timeout: float,
              poll: float = 0.5) -> FleetStatus:

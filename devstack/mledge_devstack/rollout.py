@@ -37,6 +37,7 @@ class RolloutGate:
     released_at: deque[float] = field(default_factory=deque)
     notified: int = 0
     stopped: bool = False
+    known: set[str] = field(default_factory=set)  # every thing ever added (CONTINUOUS re-adds)
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None, now: float = 0.0) -> RolloutGate:
@@ -67,7 +68,9 @@ class RolloutGate:
         return len(self.waiting_things)
 
     def add(self, thing: str, arn: str) -> None:
-        if not self.stopped:
+        """Queue a thing once; adding it again (a CONTINUOUS job's next sync) does nothing."""
+        if not self.stopped and thing not in self.known:
+            self.known.add(thing)
             self.waiting_things.append((thing, arn))
 
     def stop(self) -> None:
