@@ -201,3 +201,20 @@ def test_a_canary_job_reports_the_new_models_health_with_succeeded(tmp_path, mos
         assert [d.get("stage") for _, d in done.history][-2] == "health"
     finally:
         agent.stop()
+
+
+def test_a_second_job_for_the_installed_model_succeeds_at_once(tmp_path, mosquitto, iot,
+                                                               artifacts, models):
+    # A canary job, then the fleet's job for the same model: nothing to install the second time.
+    agent = Agent(agent_config(tmp_path, mosquitto))
+    agent.start()
+    try:
+        v1 = make_release(artifacts, 1, models[1])
+        iot.add_job("dev-1", "job-canary", lambda: document_for(artifacts, v1))
+        assert iot.wait_for_terminal("dev-1", "job-canary").status == "SUCCEEDED"
+        iot.add_job("dev-1", "job-fleet", lambda: document_for(artifacts, v1))
+        done = iot.wait_for_terminal("dev-1", "job-fleet")
+        assert done.status == "SUCCEEDED" and done.status_details["codec"] == "already-installed"
+        assert agent.handle.swaps == 1
+    finally:
+        agent.stop()

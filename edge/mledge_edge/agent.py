@@ -241,6 +241,15 @@ class Agent:
         if probe is not None and result.codec != "already-installed":
             report(status_details(stage="health", version=version))
             self._health[job_id] = self.measure_health(probe)
+        pending = self.store.state.pending_report
+        if pending is None or pending.job_id != job_id:
+            # Nothing was installed (another job brought this model already, e.g. a canary
+            # job before the fleet's): there is no pending report, so report now.
+            try:
+                jobs.update(job_id, SUCCEEDED, result.details)
+            except JobCanceledError as exc:
+                log.warning("could not report SUCCEEDED for %s: %s", job_id, exc)
+            return
         self._report_pending(jobs)  # SUCCEEDED only now: installed, swapped, persisted
 
     def _finish(self, jobs: JobsClient, job_id: str, status: str, details: dict[str, str]) -> None:
