@@ -146,7 +146,7 @@ class DemoAgent(Agent):
         self._sent_bytes = 0
         self._sent_messages = 0
 
-    def process(self, reading: Reading | None) -> Prediction | None:  # type: ignore[override]
+    def process(self, reading: Reading | None) -> Prediction | None:
         if reading is None:  # the simulated machine has nothing new to report
             return None
         seq_before = self._seq  # the agent numbers each telemetry message it sends
