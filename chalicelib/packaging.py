@@ -283,9 +283,10 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
 
     if previous is not None and previous.version != version:
         # The previous release's job keeps serving the fleet while a canary runs.
-        old_jobs = {(previous.release or {}).get("job_id"),
-                    (previous.release or {}).get("canary_job_id")} - {None, job_id}
-        for old_job in sorted(old_jobs) if not canary else []:
+        old_jobs = sorted({str(j) for j in ((previous.release or {}).get("job_id"),
+                                            (previous.release or {}).get("canary_job_id"))
+                           if j and j != job_id})
+        for old_job in old_jobs if not canary else []:
             ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
 
     logger.info("released", extra=release_info)

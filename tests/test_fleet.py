@@ -23,7 +23,7 @@ from chalicelib import canary
 from chalicelib.config import load_pipeline_config
 from chalicelib.registry import Registry, Status
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "vibration-anomaly"
 CANARY_GROUP = "mledge-vibration-canary"

@@ -307,7 +307,7 @@ class JobsEngine:
                         if jid == job.job_id and ex.status == SUCCEEDED)
         for thing, arn in gate.release(now, succeeded):
             key = (job.job_id, thing)
-            ex = FakeJobExecution(job.job_id, arn)
+            ex: Any = FakeJobExecution(job.job_id, arn)  # fields set the AWS way below
             self.backend.job_executions[key] = ex
             # moto fills placeholders (123); start the way AWS does.
             ex.status, ex.status_details_map = QUEUED, {}
@@ -483,7 +483,7 @@ class JobsEngine:
 
     def _pending_by_thing(self) -> dict[str, list[str]]:
         """Pending job ids per thing: IN_PROGRESS first, then QUEUED, oldest first (one pass)."""
-        rows: dict[str, list[tuple[int, Any, str]]] = {}
+        rows: dict[str, list[tuple[int, Any, int, str]]] = {}
         for (job_id, thing), ex in self._executions():
             rows.setdefault(thing, [])
             if ex.status in PENDING and job_id in self.backend.jobs:
