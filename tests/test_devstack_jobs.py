@@ -392,6 +392,7 @@ def test_exponential_rate_grows_with_succeeded_things_up_to_the_maximum(engine, 
     for thing, status in list(executions(backend, "job-1").items()):
         if status == "QUEUED":
             succeed(engine, thing, "job-1")
+    engine.sync()  # the rollout moves on the 1 s tick, not on device requests
     # 8 succeeded: 2 * 2**4 = 32 a minute, capped at maximumPerMinute = 8 in this minute.
     assert len(executions(backend, "job-1")) == 4 + 8
     clock.now += 61

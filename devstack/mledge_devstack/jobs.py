@@ -189,6 +189,9 @@ class JobsEngine:
         self._notified_next: dict[str, tuple[str, int] | None] = {}
         self._created: dict[str, int] = {}  # job id -> creation order (moto keeps seconds only)
         self._gates: dict[str, RolloutGate] = {}
+        # Indexes over _meta, so a device request costs O(its thing's jobs), not O(fleet).
+        self._things_of_job: dict[str, set[str]] = {}
+        self._jobs_of_thing: dict[str, set[str]] = {}
         self._guard_backend()
 
     def _guard_backend(self) -> None:
@@ -224,7 +227,7 @@ class JobsEngine:
     def execution_states(self, job_id: str) -> dict[str, str]:
         """thing name -> execution status, for one job."""
         with self._lock:
-            return {thing: ex.status for (jid, thing), ex in self._executions() if jid == job_id}
+            return {thing: ex.status for thing, ex in self._job_executions(job_id)}
 
     # ------------------------------------------------------------- periodic sync
 
@@ -253,6 +256,22 @@ class JobsEngine:
         for key, ex in list(self.backend.job_executions.items()):
             if key in self._meta:
                 yield key, ex
+
+    def _job_executions(self, job_id: str) -> Iterator[tuple[str, Any]]:
+        for thing in list(self._things_of_job.get(job_id, ())):
+            ex = self.backend.job_executions.get((job_id, thing))
+            if ex is not None:
+                yield thing, ex
+
+    def _track(self, job_id: str, thing: str, meta: _Meta) -> None:
+        self._meta[(job_id, thing)] = meta
+        self._things_of_job.setdefault(job_id, set()).add(thing)
+        self._jobs_of_thing.setdefault(thing, set()).add(job_id)
+
+    def _untrack(self, key: tuple[str, str]) -> None:
+        del self._meta[key]
+        self._things_of_job.get(key[0], set()).discard(key[1])
+        self._jobs_of_thing.get(key[1], set()).discard(key[0])
 
     def _expand(self, job: Any, now: float) -> None:
         self._created.setdefault(job.job_id, len(self._created))
@@ -303,8 +322,7 @@ class JobsEngine:
             return
         from moto.iot.models import FakeJobExecution
 
-        succeeded = sum(1 for (jid, _t), ex in self._executions()
-                        if jid == job.job_id and ex.status == SUCCEEDED)
+        succeeded = sum(1 for _t, ex in self._job_executions(job.job_id) if ex.status == SUCCEEDED)
         for thing, arn in gate.release(now, succeeded):
             key = (job.job_id, thing)
             ex: Any = FakeJobExecution(job.job_id, arn)  # fields set the AWS way below
@@ -315,12 +333,12 @@ class JobsEngine:
             ex.queued_at = ex.last_updated_at = _now_dt(now)
             ex.started_at = None
             ex.approximate_seconds_before_time_out = None
-            self._meta[key] = _Meta(thing_arn=arn)
+            self._track(job.job_id, thing, _Meta(thing_arn=arn))
 
     def _forget_deleted_jobs(self) -> None:
         for key in list(self._meta):
             if key[0] not in self.backend.jobs or key not in self.backend.job_executions:
-                del self._meta[key]
+                self._untrack(key)
         self._expanded &= set(self.backend.jobs)
         for job_id in list(self._gates):
             if job_id not in self.backend.jobs:
@@ -330,9 +348,8 @@ class JobsEngine:
         gate = self._gates.get(job.job_id)
         if gate is not None:
             gate.stop()  # things the rollout had not reached never get an execution
-        for (job_id, thing), ex in self._executions():
-            if job_id != job.job_id:
-                continue
+        job_id = job.job_id
+        for thing, ex in self._job_executions(job_id):
             if ex.status == QUEUED or (ex.status == IN_PROGRESS and job.force):
                 ex.status = CANCELED
                 ex.force_canceled = ex.force_canceled or bool(job.force)
@@ -354,10 +371,9 @@ class JobsEngine:
         counts = dict.fromkeys(
             (QUEUED, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, CANCELED, TIMED_OUT, REMOVED), 0)
         total = 0
-        for (job_id, _thing), ex in self._executions():
-            if job_id == job.job_id:
-                counts[ex.status] = counts.get(ex.status, 0) + 1
-                total += 1
+        for _thing, ex in self._job_executions(job.job_id):
+            counts[ex.status] = counts.get(ex.status, 0) + 1
+            total += 1
         job.job_process_details = {
             "processingTargets": list(job.targets),
             "numberOfQueuedThings": counts[QUEUED],
@@ -420,7 +436,7 @@ class JobsEngine:
         criteria = (job.abort_config or {}).get("criteriaList") or []
         if job.status != IN_PROGRESS or not criteria:
             return
-        statuses = [ex.status for (jid, _t), ex in self._executions() if jid == job.job_id]
+        statuses = [ex.status for _t, ex in self._job_executions(job.job_id)]
         executed = [s for s in statuses if s in (SUCCEEDED, FAILED, REJECTED, TIMED_OUT)]
         for criterion in criteria:
             kind = criterion.get("failureType", "ALL")
@@ -481,23 +497,23 @@ class JobsEngine:
 
     # ------------------------------------------------------------------- next
 
-    def _pending_by_thing(self) -> dict[str, list[str]]:
-        """Pending job ids per thing: IN_PROGRESS first, then QUEUED, oldest first (one pass)."""
-        rows: dict[str, list[tuple[int, Any, int, str]]] = {}
-        for (job_id, thing), ex in self._executions():
-            rows.setdefault(thing, [])
-            if ex.status in PENDING and job_id in self.backend.jobs:
-                rows[thing].append((PENDING.index(ex.status), ex.queued_at,
-                                    self._created.get(job_id, 0), job_id))
-        return {thing: [job_id for *_ignored, job_id in sorted(r)] for thing, r in rows.items()}
-
     def _pending(self, thing: str) -> list[str]:
-        return self._pending_by_thing().get(thing, [])
+        """The thing's pending job ids: IN_PROGRESS first, then QUEUED, oldest first."""
+        rows = []
+        for job_id in list(self._jobs_of_thing.get(thing, ())):
+            ex = self.backend.job_executions.get((job_id, thing))
+            if ex is not None and ex.status in PENDING and job_id in self.backend.jobs:
+                rows.append((PENDING.index(ex.status), ex.queued_at,
+                             self._created.get(job_id, 0), job_id))
+        return [job_id for *_ignored, job_id in sorted(rows)]
 
-    def _notify_changes(self, now: float) -> list[Outgoing]:
-        by_thing = self._pending_by_thing()
+    def _notify_changes(self, now: float, things: set[str] | None = None) -> list[Outgoing]:
+        """notify-next for every thing (or just `things`) whose next execution changed."""
+        if things is None:
+            things = set(self._jobs_of_thing) | set(self._notified_next)
+        by_thing = {thing: self._pending(thing) for thing in things}
         out = []
-        for thing in sorted(set(by_thing) | set(self._notified_next)):
+        for thing in sorted(things):
             pending = by_thing.get(thing, [])
             current = None
             if pending:
@@ -534,7 +550,8 @@ class JobsEngine:
                 if not isinstance(request, dict):
                     request = {}
                     raise JobsRejectedError("InvalidJson", "payload must be a JSON object")
-                early = self.sync()  # a job created a moment ago is visible at once
+                if any(job_id not in self._expanded for job_id in self.backend.jobs):
+                    early = self.sync()  # a job created a moment ago is visible at once
                 if match.group("start"):
                     body = self._start_next(thing, request, now)
                 elif match.group("pending"):
@@ -549,9 +566,12 @@ class JobsEngine:
                 if exc.execution_state is not None:
                     body["executionState"] = exc.execution_state
                 reply = Outgoing(f"{topic}/rejected", self._stamp(body, request, now))
-            for job in list(self.backend.jobs.values()):
-                self._refresh_job(job, now)
-            return [*early, reply, *self._notify_changes(now)]
+            # Only the jobs this thing has can have changed (the 1 s sync does the rest).
+            for job_id in list(self._jobs_of_thing.get(thing, ())):
+                job = self.backend.jobs.get(job_id)
+                if job is not None:
+                    self._refresh_job(job, now)
+            return [*early, reply, *self._notify_changes(now, {thing})]
 
     @staticmethod
     def _stamp(body: dict[str, Any], request: dict[str, Any], now: float) -> dict[str, Any]:
