@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mledge_devstack.jobs import JobsEngine, Outgoing, parse_presigned_source
 from mledge_devstack.topic_rule import apply_topic_rule
 from moto.iot.models import IoTBackend
@@ -484,3 +486,50 @@ def test_in_progress_timeout_times_out_and_counts_for_abort(engine, backend, clo
     engine.sync()
     assert executions(backend, "job-1") == {"dev-a": "TIMED_OUT", "dev-b": "CANCELED"}
     assert backend.describe_job("job-1").reason_code == "ABORTED"
+
+
+# Device payloads come from outside: whatever an update carries, the device gets exactly
+# one reply, and a rejected one leaves the execution exactly as it was.
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 12) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6)
+_update_bodies = st.fixed_dictionaries({}, optional={
+    "status": st.sampled_from(["IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED", "CANCELED", "x"])
+    | _json_values,
+    "expectedVersion": st.integers(0, 4) | _json_values,
+    "executionNumber": st.integers(0, 3) | _json_values,
+    "stepTimeoutInMinutes": st.integers(-2, 3) | _json_values,
+    "statusDetails": st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=3)
+    | _json_values,
+    "clientToken": st.text(max_size=8),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=_update_bodies)
+def test_any_update_gets_one_reply_and_a_rejection_changes_nothing(body):
+    backend = IoTBackend(REGION, ACCOUNT)
+    backend.create_thing_group("fleet", None, {})
+    backend.create_thing("dev-a", None, {})
+    backend.add_thing_to_thing_group("fleet", None, "dev-a", None)
+    engine = JobsEngine(backend, lambda b, k, e: "url", clock=Clock())
+    create_job(backend, "job-1")
+    engine.sync()
+    reply(request(engine, "dev-a", "start-next", {}), "accepted")
+    ex = backend.describe_job_execution("job-1", "dev-a", None)
+    before = (ex.status, dict(ex.status_details_map), ex.version_number, ex.last_updated_at)
+    out = request(engine, "dev-a", "job-1/update", body)
+    replies = [m for m in out if m.topic.endswith(("/accepted", "/rejected"))]
+    assert len(replies) == 1
+    if "clientToken" in body:
+        assert replies[0].payload["clientToken"] == body["clientToken"]
+    ex = backend.describe_job_execution("job-1", "dev-a", None)
+    if replies[0].topic.endswith("/rejected"):
+        assert replies[0].payload["code"] in ("InvalidRequest", "VersionMismatch",
+                                              "InvalidStateTransition", "ResourceNotFound")
+        assert (ex.status, dict(ex.status_details_map), ex.version_number,
+                ex.last_updated_at) == before
+    else:
+        assert body.get("status") in ("IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
+        assert ex.status == body["status"] and ex.version_number == before[2] + 1
