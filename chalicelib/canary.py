@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,9 +76,11 @@ class DeviceHealth:
     def from_execution(cls, thing: str, status: str, details: dict[str, str]) -> DeviceHealth:
         def number(key: str) -> float | None:
             try:
-                return float(details[key])
+                value = float(details[key])
             except (KeyError, TypeError, ValueError):
                 return None
+            # "nan" compares False with every limit: it must not pass as healthy.
+            return value if math.isfinite(value) else None
 
         error, anomaly, latency = (number(k) for k in HEALTH_DETAIL_KEYS[1:])
         return cls(thing, status, error, anomaly, latency)
