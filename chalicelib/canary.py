@@ -37,6 +37,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 from mledge_update.document import HEALTH_DETAIL_KEYS
+from mledge_update.naming import iot_job_id
 
 from chalicelib import ota
 from chalicelib.aws import AwsClients, error_code
@@ -239,7 +240,7 @@ def _promote(model_config: ModelConfig, current: VersionRecord, canary_job: str,
     iot = clients.iot
     document = json.loads(iot.get_job_document(jobId=canary_job)["document"])
     document.pop("health", None)  # the fleet is not asked for health reports
-    fleet_job = ota.job_id_for(model_config.name, current.version)
+    fleet_job = iot_job_id(model_config.name, current.version)
     ota.ensure_update_job(iot, job_id=fleet_job, document=document, model_config=model_config,
                           presign_role_arn=settings.iot_presign_role_arn, stage=settings.stage,
                           version=current.version)

@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("kmeans_anomaly", "classifier")
-FAMILY_METRICS = {
-    "kmeans_anomaly": ("silhouette",),
-    "classifier": ("accuracy", "macro_f1"),
-}
+from mledge_update.families import FAMILIES, FAMILY_METRICS
+from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
+
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -107,19 +105,12 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True)
-class UplinkPolicy:
-    before_model: str = "all"
-    anomalies: bool = True
-    sample_rate: float = 0.01
-    summary_interval_seconds: int = 60
+class PackagingConfig:
+    """Limits on building a release's deltas (chalicelib/delta_budget.py)."""
 
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "before_model": self.before_model,
-            "anomalies": self.anomalies,
-            "sample_rate": self.sample_rate,
-            "summary_interval_seconds": self.summary_interval_seconds,
-        }
+    time_budget_seconds: float = 60.0
+    memory_budget_mb: float = 1536.0
+    slow_codec_max_mb: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +132,7 @@ class ModelConfig:
     abort: AbortConfig = field(default_factory=AbortConfig)
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     uplink: UplinkPolicy = field(default_factory=UplinkPolicy)
+    packaging: PackagingConfig = field(default_factory=PackagingConfig)
     canary: CanaryConfig = field(default_factory=CanaryConfig)
 
 
@@ -268,6 +260,7 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         abort=_parse_abort(f.sub("abort")),
         timeout=_parse_timeout(f.sub("timeout")),
         uplink=_parse_uplink(f.sub("uplink")),
+        packaging=_parse_packaging(f.sub("packaging")),
         canary=_parse_canary(f.sub("canary")),
     )
     f.done()
@@ -389,12 +382,24 @@ def _parse_timeout(f: _Fields) -> TimeoutConfig:
     return t
 
 
+def _parse_packaging(f: _Fields) -> PackagingConfig:
+    p = PackagingConfig(
+        time_budget_seconds=f.get("time_budget_seconds", "float", 60.0, minimum=1.0, maximum=900.0),
+        memory_budget_mb=f.get("memory_budget_mb", "float", 1536.0, minimum=64.0, maximum=10240.0),
+        slow_codec_max_mb=f.get("slow_codec_max_mb", "float", 8.0, minimum=0.0, maximum=512.0),
+    )
+    f.done()
+    return p
+
+
 def _parse_uplink(f: _Fields) -> UplinkPolicy:
+    d = UplinkPolicy()
     u = UplinkPolicy(
-        before_model=f.get("before_model", "str", "all", choices=("all", "none")),
-        anomalies=f.get("anomalies", "bool", True),
-        sample_rate=f.get("sample_rate", "float", 0.01, minimum=0.0, maximum=1.0),
-        summary_interval_seconds=f.get("summary_interval_seconds", "int", 60, minimum=1),
+        before_model=f.get("before_model", "str", d.before_model, choices=BEFORE_MODEL_CHOICES),
+        anomalies=f.get("anomalies", "bool", d.anomalies),
+        sample_rate=f.get("sample_rate", "float", d.sample_rate, minimum=0.0, maximum=1.0),
+        summary_interval_seconds=f.get("summary_interval_seconds", "int",
+                                       int(d.summary_interval_seconds), minimum=1),
     )
     f.done()
     return u

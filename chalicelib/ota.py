@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from botocore.exceptions import ClientError
+from mledge_update.naming import job_tags
 
 from chalicelib.aws import error_code
 from chalicelib.config import ModelConfig
@@ -28,16 +29,6 @@ RETRIES = [
 
 class OtaError(Exception):
     """The IoT Job for a release could not be created."""
-
-
-def job_id_for(model: str, version: int, *, rollback_from: int | None = None,
-               canary: bool = False) -> str:
-    job_id = f"mledge-{model}-v{version:05d}"
-    if rollback_from is not None:
-        job_id += f"-rollback-from-v{rollback_from:05d}"
-    if canary:
-        job_id += "-canary"
-    return job_id[:64]
 
 
 def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelConfig,
@@ -73,11 +64,8 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
         }]},
         "timeoutConfig": {"inProgressTimeoutInMinutes": model_config.timeout.in_progress_minutes},
         "jobExecutionsRetryConfig": {"criteriaList": RETRIES},
-        "tags": [
-            {"Key": "mledge:model", "Value": model_config.name},
-            {"Key": "mledge:version", "Value": str(version)},
-            {"Key": "mledge:stage", "Value": stage},
-        ],
+        "tags": [{"Key": key, "Value": value}
+                 for key, value in job_tags(model_config.name, version, stage).items()],
     }
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from mledge_update import JobDocumentError
 from mledge_update.document import OPERATION, HealthProbe, parse_job_document
+from mledge_update.topics import telemetry_topic
 
 from .config import AgentConfig
 from .download import Downloader
@@ -52,10 +53,6 @@ def _health_probe(document: dict[str, Any]) -> HealthProbe | None:
         return parse_job_document(document).health
     except JobDocumentError:
         return None
-
-
-def telemetry_topic(model: str, thing: str, kind: str = "telemetry") -> str:
-    return f"dt/mledge/{model}/{thing}/{kind}"
 
 
 class Agent:

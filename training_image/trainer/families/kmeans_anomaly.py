@@ -30,6 +30,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from mledge_update import onnx_metadata
+from mledge_update.families import FAMILY_METRICS, KMEANS_ANOMALY
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
 from sklearn.cluster import KMeans
@@ -79,8 +81,8 @@ def _within_quantile(distances: np.ndarray, quantile: float) -> np.ndarray:
 
 
 class KMeansAnomalyFamily(ModelFamily):
-    name: ClassVar[str] = "kmeans_anomaly"
-    metrics: ClassVar[tuple[str, ...]] = ("silhouette",)
+    name: ClassVar[str] = KMEANS_ANOMALY
+    metrics: ClassVar[tuple[str, ...]] = FAMILY_METRICS[KMEANS_ANOMALY]
     needs_labels: ClassVar[bool] = False
 
     def parse_params(self, hp: Hyperparameters, common: CommonParams) -> KMeansParams:
@@ -163,7 +165,8 @@ class KMeansAnomalyFamily(ModelFamily):
         return FittedModel(
             estimator=pipeline,
             details=details,
-            metadata={"mledge.anomaly_threshold": repr(threshold), "mledge.k": str(k)},
+            metadata={onnx_metadata.ANOMALY_THRESHOLD: repr(threshold),
+                      onnx_metadata.K: str(k)},
             context={"scaler": scaler},
         )
 
@@ -188,3 +191,6 @@ class KMeansAnomalyFamily(ModelFamily):
         points = fitted.context["scaler"].transform(holdout.features)
         return {"silhouette": safe_silhouette(points, np.asarray(labels), params.silhouette_rows,
                                               common.seed)}
+
+
+FAMILY = KMeansAnomalyFamily
