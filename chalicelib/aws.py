@@ -74,6 +74,8 @@ class AwsClients:
     @property
     def cloudwatch(self) -> Any:
         return self.client("cloudwatch")
+    def athena(self) -> Any:
+        return self.client("athena")
 
 
 def error_code(exc: BaseException) -> str:

@@ -47,6 +47,7 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
         "presignedUrlConfig": {"roleArn": presign_role_arn,
                                "expiresInSec": PRESIGNED_URL_EXPIRY_SECONDS},
         "jobExecutionsRolloutConfig": {
+            "maximumPerMinute": rollout.maximum_per_minute,
             "exponentialRate": {
                 "baseRatePerMinute": rollout.base_rate_per_minute,
                 "incrementFactor": rollout.increment_factor,
@@ -56,7 +57,7 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
             },
         },
         "abortConfig": {"criteriaList": [{
-            "failureType": "FAILED",
+            "failureType": abort.failure_type,
             "action": "CANCEL",
             "thresholdPercentage": abort.failure_percent,
             "minNumberOfExecutedThings": abort.min_executed_things,
@@ -98,7 +99,7 @@ def ensure_thing_group(iot: Any, group: str, *, model: str, stage: str) -> str:
 
 def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                       model_config: ModelConfig, presign_role_arn: str, stage: str,
-                      version: int) -> bool:
+                      version: int, thing_group: str | None = None) -> bool:
     """Create the release's job unless it exists; True when created now."""
     try:
         iot.describe_job(jobId=job_id)
@@ -111,8 +112,8 @@ def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                        "presign the download URLs")
     request = job_request(
         job_id=job_id, document=document, model_config=model_config,
-        target_arn=ensure_thing_group(iot, model_config.thing_group, model=model_config.name,
-                                      stage=stage),
+        target_arn=ensure_thing_group(iot, thing_group or model_config.thing_group,
+                                      model=model_config.name, stage=stage),
         presign_role_arn=presign_role_arn, stage=stage, version=version,
     )
     try:

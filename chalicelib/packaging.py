@@ -36,6 +36,7 @@ from mledge_update.document import (
     JOB_DOCUMENT_MAX_CHARS,
     Delta,
     FullModel,
+    HealthProbe,
     UpdateJob,
     build_manifest,
     fit_job,
@@ -52,6 +53,7 @@ from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PackagingConfig, PipelineConfig, UnknownModelError
 from chalicelib.delta_budget import BASELINE_CODEC, build_deltas
 from chalicelib.observability import PipelineMetrics, correlate, correlated
+from chalicelib.records import INT64_MAX
 from chalicelib.registry import (
     AlreadyReleasedError,
     Registry,
@@ -63,6 +65,7 @@ from chalicelib.registry import (
 )
 from chalicelib.settings import Settings
 from chalicelib.signing import KmsReleaseSigner, SigningError
+from chalicelib.untrusted import shown
 
 logger = Logger(child=True)
 
@@ -90,28 +93,44 @@ class ModelApproved:
     artifact: str | None = None
     manual: bool = False
     rollback: bool = False
+    reason: str = ""  # why (a rollback's reason is recorded in the registry)
 
     @classmethod
-    def from_detail(cls, detail: dict[str, Any]) -> ModelApproved:
-        try:
-            model = str(detail["model"])
-            version = int(detail["version"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PackagingError(f"ModelApproved detail needs model and version: {exc}") from None
-        return cls(
-            model=model,
-            version=version,
-            artifact=detail.get("artifact") or None,
-            manual=bool(detail.get("manual", False)),
-            rollback=bool(detail.get("rollback", False)),
-        )
+    def from_detail(cls, detail: Any) -> ModelApproved:
+        """Parse an event detail; PackagingError names the first field that is wrong."""
+        if not isinstance(detail, dict):
+            raise PackagingError(f"ModelApproved detail must be an object, got "
+                                 f"{type(detail).__name__}")
+        model, version = detail.get("model"), detail.get("version")
+        if not isinstance(model, str) or not model:
+            raise PackagingError(f"ModelApproved detail needs model (a non-empty string), "
+                                 f"got {shown(model)}")
+        if type(version) is not int or not 1 <= version <= INT64_MAX:
+            raise PackagingError(f"ModelApproved detail needs version (a whole number >= 1), "
+                                 f"got {shown(version)}")
+        artifact = detail.get("artifact")
+        if artifact is not None and not isinstance(artifact, str):
+            raise PackagingError(f"ModelApproved artifact must be an s3:// URI, got "
+                                 f"{shown(artifact)}")
+        reason = detail.get("reason", "")
+        if not isinstance(reason, str):
+            raise PackagingError(f"ModelApproved reason must be a string, got {shown(reason)}")
+        flags = {}
+        for name in ("manual", "rollback"):
+            value = detail.get(name, False)
+            if not isinstance(value, bool):
+                raise PackagingError(f"ModelApproved {name} must be true or false, got "
+                                     f"{shown(value)}")
+            flags[name] = value
+        return cls(model=model, version=version, artifact=artifact or None,
+                   reason=reason[:1000], **flags)
 
 
 @dataclass
 class ReleaseResult:
     model: str
     version: int
-    outcome: str  # released | skipped | failed
+    outcome: str  # released | skipped | failed | invalid
     reason: str = ""
     job_id: str | None = None
     manifest_key: str | None = None
@@ -141,8 +160,17 @@ def handle_model_approved(
     settings: Settings,
     config: PipelineConfig,
 ) -> ReleaseResult:
-    """Release the approved version named in a `ModelApproved` event's detail."""
-    event = ModelApproved.from_detail(detail)
+    """Release the approved version named in a `ModelApproved` event's detail.
+
+    A malformed detail is logged with its reason and dropped (outcome `invalid`):
+    EventBridge would only retry it unchanged.
+    """
+    try:
+        event = ModelApproved.from_detail(detail)
+    except PackagingError as exc:
+        logger.error("invalid ModelApproved dropped", extra={
+            "error": str(exc), "detail": shown(detail, 2000)})
+        return ReleaseResult("", 0, "invalid", f"invalid ModelApproved detail: {exc}")
     with correlated(model=event.model, version=event.version):
         return _handle(event, clients=clients, settings=settings, config=config)
 
@@ -226,11 +254,16 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
                            model_config.packaging, skipped)
 
     rollback_from = registry.released_version(model) if event.rollback else None
+    # A canary release goes to the canary group first, asking each device for a health
+    # report; chalicelib/canary.py releases the same signed document to the fleet (or
+    # rolls it back through a signed rollback release).
+    canary = model_config.canary.enabled and not event.rollback
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
         full=full, smoke=smoke, schema=model_config.schema.to_document(),
         deltas=tuple(deltas), uplink=model_config.uplink.to_document(),
         rollback=event.rollback, rollback_from=rollback_from,
+        health=HealthProbe(model_config.canary.health_readings) if canary else None,
     )
     # Fit first, sign second: the signature covers the deltas the document keeps. The
     # fit measures the document with its (longer) presign placeholders.
@@ -252,7 +285,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         logger.warning("job document too large: oldest deltas dropped",
                        extra={"dropped": [(d.from_version, d.codec) for d in dropped]})
     manifest = build_manifest(signed, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = iot_job_id(model, version, rollback_from=rollback_from)
+    job_id = iot_job_id(model, version, rollback_from=rollback_from, canary=canary)
     correlate(job=job_id)
     manifest_key = (f"{prefix}manifest.json" if not event.rollback
                     else f"{prefix}rollback-{job_id}.json")
@@ -263,7 +296,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         ota.ensure_update_job(
             clients.iot, job_id=job_id, document=document, model_config=model_config,
             presign_role_arn=settings.iot_presign_role_arn, stage=settings.stage,
-            version=version,
+            version=version, thing_group=model_config.canary.thing_group if canary else None,
         )
     except ota.OtaError as exc:
         raise PackagingError(str(exc)) from None
@@ -282,7 +315,10 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         "signing_key": signed.signature.key_id if signed.signature else "",
         "deltas_skipped": skipped,
         "packaging_seconds": round(time.monotonic() - started, 3),
+        "phase": "canary" if canary else "fleet",
     }
+    if event.reason:
+        release_info["reason"] = event.reason
     try:
         registry.mark_released(model, version, release_info)
     except AlreadyReleasedError:
@@ -291,8 +327,11 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         raise PackagingError(f"registry refused the release: {exc}") from None
 
     if previous is not None and previous.version != version:
-        old_job = (previous.release or {}).get("job_id")
-        if old_job and old_job != job_id:
+        # The previous release's job keeps serving the fleet while a canary runs.
+        old_jobs = sorted({str(j) for j in ((previous.release or {}).get("job_id"),
+                                            (previous.release or {}).get("canary_job_id"))
+                           if j and j != job_id})
+        for old_job in old_jobs if not canary else []:
             ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
 
     logger.info("released", extra=release_info)
@@ -411,8 +450,10 @@ def _untar(blob: bytes, uri: str) -> dict[str, bytes]:
 def _json_member(raw: bytes, name: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"{name} is nested too deeply to parse") from None
     if not isinstance(value, dict):
         raise ArtifactError(f"{name} must hold a JSON object")
     return value

@@ -32,6 +32,7 @@ from mledge_update.codecs import (
 )
 from mledge_update.document import Delta, FullModel, UpdateJob, parse_job_document
 from mledge_update.hashing import sha256_hex
+from mledge_update.iot_jobs import status_details
 from mledge_update.signing import ReleaseVerifier
 
 from .download import Downloader, DownloadError, DownloadStats, IntegrityError
@@ -79,14 +80,6 @@ class UpdateResult:
     codec: str  # the delta codec, "full:<encoding>", "local" or "already-installed"
     bytes_downloaded: int
     details: dict[str, str] = field(default_factory=dict)
-
-
-def status_details(**values: Any) -> dict[str, str]:
-    """statusDetails as IoT Jobs wants them: string values <= 1024 chars, <= 10 keys."""
-    details = {k: str(v)[:1024] for k, v in values.items() if v is not None}
-    if len(details) > 10:
-        raise ValueError(f"statusDetails allows 10 keys, got {sorted(details)}")
-    return details
 
 
 def _artifact_name(artifact: FullModel | Delta) -> str:
@@ -147,6 +140,8 @@ class Updater:
                                 status_details(stage="installed", version=job.version,
                                                codec="already-installed"))
 
+        # Partials of other (canceled, replaced) jobs would otherwise fill the disk.
+        self.downloader.discard_others({job.full.sha256, *(d.sha256 for d in job.deltas)})
         report(status_details(stage="downloading", version=job.version))
         model_bytes, codec, downloaded = self._obtain(job_id, job, report, refresh_document)
         report(status_details(stage="verifying", version=job.version, codec=codec,

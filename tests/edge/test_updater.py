@@ -312,3 +312,23 @@ def test_rotation_trusts_every_key_in_the_file(tmp_path, artifacts, models):
     updater.verifier = ReleaseVerifier.from_pem(release_keys_pem(new_key))
     third = document_for(artifacts, make_release(artifacts, 3, models[3]), signed_with=old_key)
     _refused_before_download(updater, artifacts, third, "signature", "does not verify")
+def test_an_update_deletes_partial_downloads_of_other_jobs(tmp_path, artifacts, models):
+    updater = make_updater(tmp_path)
+    folder = updater.downloader.folder
+    stale = "ab" * 32  # a job canceled mid-download while the device was off
+    (folder / f"{stale}.part").write_bytes(b"x" * 1000)
+    (folder / f"{stale}.json").write_text('{"offset": 1000}')
+    release = make_release(artifacts, 1, models[1])
+    run(updater, artifacts, release)
+    assert sorted(folder.iterdir()) == []
+
+
+def test_discard_others_keeps_only_what_is_asked(tmp_path):
+    downloader = Downloader(tmp_path / "dl")
+    for sha in ("aa" * 32, "bb" * 32):
+        (downloader.folder / f"{sha}.part").write_bytes(b"x")
+        (downloader.folder / f"{sha}.json").write_text("{}")
+    assert downloader.discard_others({"bb" * 32}) == ["aa" * 32]
+    assert downloader.partials() == {"bb" * 32}
+    assert downloader.discard_others() == ["bb" * 32]
+    assert list(downloader.folder.iterdir()) == []

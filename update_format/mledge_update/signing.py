@@ -88,7 +88,12 @@ class Signature:
 
 
 def signed_content(job: UpdateJob) -> dict[str, Any]:
-    """Everything a device acts on, without artifact locations (see the module doc)."""
+    """Everything a device acts on, without artifact locations (see the module doc).
+
+    `health` (a canary's request for a health report) is left out on purpose: the canary
+    tick releases the very same signed document to the fleet with `health` removed, and
+    a forged request can only make a device send a report, never install anything.
+    """
     return {
         "format": job.format,
         "model": job.model,
