@@ -86,7 +86,7 @@ def measure(fn: Callable[[], bytes]) -> tuple[bytes, float, float]:
 
 def _export(estimator, n_features: int, family: str, model: str, version: int, features: list[str],
             threshold: float | None = None) -> bytes:
-    """ONNX following BRIEF.md's conventions: input `input`, outputs `label`, `scores`, metadata."""
+    """ONNX in the project's conventions (docs/training.md): input `input`, outputs `label`, `scores`, metadata."""
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 

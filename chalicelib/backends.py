@@ -98,7 +98,7 @@ class TrainingBackend(Protocol):
 
 
 def training_hyperparameters(model: ModelConfig, version: int) -> dict[str, str]:
-    """The training container's hyperparameters (all strings; BRIEF.md's list + the model's)."""
+    """The training container's hyperparameters (all strings; the shared ones + the model's)."""
     hp = {
         "family": model.family,
         "model_name": model.name,

@@ -1,4 +1,4 @@
-"""The S3 layout of DESIGN.md: one function per kind of key, nothing else builds keys."""
+"""The S3 layout (docs/architecture.md): one function per kind of key, nothing else builds keys."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The `ModelApproved` event (EventBridge) that starts packaging, and announcing it once.
 
-Detail (BRIEF "Events"): ``{"model", "version", "artifact", "manual"}`` plus, for an
+Detail (the event contract, docs/registry.md): ``{"model", "version", "artifact", "manual"}`` plus, for an
 operator rollback, ``"rollback": true`` and ``"replaces"`` (the version it replaces),
 and ``"reason"`` when an operator gave one.
 """

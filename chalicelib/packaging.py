@@ -1,6 +1,6 @@
 """Packaging: turn an approved model into a release and start the fleet's update.
 
-On `ModelApproved` (DESIGN.md steps 6-7):
+On `ModelApproved` (packaging, then the job document; docs/packaging.md):
 1. take `model.onnx` and `golden.json` out of the training artifact (`model.tar.gz`);
 2. upload the model (raw, the next training's champion and the base of later deltas)
    and the full artifact (zstd) under `releases/<model>/v<version>/`;

@@ -72,7 +72,7 @@ class DemoError(Exception):
     """The story did not reach its next step (a timeout, a failed training, a dead agent)."""
 
 
-class DemoInterrupted(Exception):
+class DemoInterruptedError(Exception):
     """Ctrl-C or SIGTERM."""
 
 
@@ -452,7 +452,7 @@ class Demo:
         d = self.display
         d.finish()
         if error is not None:
-            reason = ("interrupted" if isinstance(error, KeyboardInterrupt | DemoInterrupted)
+            reason = ("interrupted" if isinstance(error, KeyboardInterrupt | DemoInterruptedError)
                       else f"{type(error).__name__}: {error}")
             d.write(d.bad(f"demo stopped: {reason}"))
         d.write(d.dim("stopping the device agents and the local stack ..."))
@@ -752,7 +752,7 @@ def _signals_deferred():
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise DemoInterrupted(f"signal {signal.Signals(signum).name}")
+    raise DemoInterruptedError(f"signal {signal.Signals(signum).name}")
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         summary = run_demo(options)
-    except (KeyboardInterrupt, DemoInterrupted):
+    except (KeyboardInterrupt, DemoInterruptedError):
         return 130
     except DemoError:
         return 1
