@@ -340,8 +340,9 @@ def test_batch_launcher_runs_the_contract_and_uploads_where_sagemaker_would(aws,
 
 
 def test_the_lambda_package_has_no_local_backend_until_the_local_stack_registers_it(settings, monkeypatch):
-    from chalicelib import backends
     from mledge_devstack.local_training import register_local_backend
+
+    from chalicelib import backends
 
     monkeypatch.setattr(backends, "_FACTORIES", dict(backends._FACTORIES))
     backends._FACTORIES.pop("local", None)
