@@ -19,13 +19,10 @@ missing artifact is recorded on the version (history) and nothing is released.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlparse
+from typing import IO, Any
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
@@ -50,6 +47,7 @@ from mledge_update.hashing import sha256_hex
 from mledge_update.naming import iot_job_id
 
 from chalicelib import layout, ota
+from chalicelib.artifacts import MAX_MEMBER_BYTES, ArtifactError, open_object, parse_s3_uri, s3_uri, tar_members
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
 from chalicelib.registry import (
@@ -67,18 +65,9 @@ logger = Logger(child=True)
 
 BASELINE_CODEC = "bsdiff4"
 FULL_ENCODING = "zstd"
-# The training artifact is small (a model plus two JSON files); refuse anything that
-# would make the Lambda read gigabytes into memory.
-MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
-
 
 class PackagingError(Exception):
     """The release could not be built; the reason is recorded on the version."""
-
-
-class ArtifactError(PackagingError):
-    """The training artifact is missing, corrupt or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -159,7 +148,7 @@ def handle_model_approved(
 
     try:
         return _release(event, record, model_config, registry, clients, settings)
-    except PackagingError as exc:
+    except (PackagingError, ArtifactError) as exc:
         reason = f"release failed: {exc}"
         logger.error(reason, extra={"model": event.model, "version": event.version})
         registry.note(event.model, event.version, reason)
@@ -334,13 +323,6 @@ def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, f
 # ---------------------------------------------------------------- artifacts
 
 
-def parse_s3_uri(uri: str, default_bucket: str) -> tuple[str, str]:
-    if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        return parsed.netloc, parsed.path.lstrip("/")
-    return default_bucket, uri.lstrip("/")
-
-
 def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFiles:
     """`model.onnx`, `golden.json` and `metrics.json` from a training artifact.
 
@@ -348,12 +330,13 @@ def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFi
     `model.onnx` key is accepted too, with `golden.json` beside it.
     """
     bucket, key = parse_s3_uri(uri, default_bucket)
-    blob = _get(s3, bucket, key)
     if key.endswith(".onnx"):
         golden = _json_member(_get(s3, bucket, key.rsplit("/", 1)[0] + "/golden.json"),
                               "golden.json")
-        return ModelFiles(onnx=_check_onnx(blob), golden=golden)
-    members = _untar(blob, uri)
+        return ModelFiles(onnx=_check_onnx(_get(s3, bucket, key)), golden=golden)
+    limits = dict.fromkeys(("model.onnx", "golden.json", "metrics.json"), MAX_MEMBER_BYTES)
+    members = {name: handle.read()
+               for name, handle in tar_members(_open(s3, bucket, key), uri, limits)}
     if "model.onnx" not in members:
         raise ArtifactError(f"{uri} holds no model.onnx (found: {sorted(members) or 'nothing'})")
     if "golden.json" not in members:
@@ -363,26 +346,6 @@ def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFi
     return ModelFiles(onnx=_check_onnx(members["model.onnx"]),
                       golden=_json_member(members["golden.json"], "golden.json"),
                       metrics=metrics)
-
-
-def _untar(blob: bytes, uri: str) -> dict[str, bytes]:
-    wanted = {"model.onnx", "golden.json", "metrics.json"}
-    members: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
-            for info in tar:
-                name = info.name.removeprefix("./")
-                if name not in wanted or not info.isfile():
-                    continue
-                if info.size > MAX_MEMBER_BYTES:
-                    raise ArtifactError(f"{uri}: {name} is {info.size} bytes, over the limit")
-                handle = tar.extractfile(info)
-                if handle is None:
-                    continue
-                members[name] = handle.read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{uri} is not a readable tar.gz: {exc}") from None
-    return members
 
 
 def _json_member(raw: bytes, name: str) -> dict[str, Any]:
@@ -415,14 +378,16 @@ def _load_released_files(s3: Any, bucket: str, model: str, version: int) -> Mode
 
 
 def _get(s3: Any, bucket: str, key: str) -> bytes:
+    return _open(s3, bucket, key).read()
+
+
+def _open(s3: Any, bucket: str, key: str) -> IO[bytes]:
+    # Packaging records any S3 failure on the version (an operator re-approves); completion
+    # lets transient ones propagate so the event is retried.
     try:
-        head = s3.head_object(Bucket=bucket, Key=key)
-        if head.get("ContentLength", 0) > MAX_ARTIFACT_BYTES:
-            raise ArtifactError(f"s3://{bucket}/{key} is larger than {MAX_ARTIFACT_BYTES} bytes")
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return open_object(s3, bucket, key)
     except ClientError as exc:
-        code = error_code(exc)
-        raise ArtifactError(f"cannot read s3://{bucket}/{key}: {code or exc}") from None
+        raise ArtifactError(f"cannot read {s3_uri(bucket, key)}: {error_code(exc) or exc}") from None
 
 
 def _put(s3: Any, bucket: str, key: str, body: bytes,
