@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from mledge_update.naming import job_tags
 
 from chalicelib import layout
+from chalicelib.artifacts import s3_uri
 from chalicelib.config import ModelConfig, TrainingConfig
 from chalicelib.settings import Settings
 
@@ -57,24 +58,24 @@ class TrainingRequest:
 
     @property
     def manifest_uri(self) -> str:
-        return f"s3://{self.bucket}/{self.manifest_key}"
+        return s3_uri(self.bucket, self.manifest_key)
 
     @property
     def champion_uri(self) -> str | None:
-        return f"s3://{self.bucket}/{self.champion_key}" if self.champion_key else None
+        return s3_uri(self.bucket, self.champion_key) if self.champion_key else None
 
     @property
     def output_path(self) -> str:
         """SageMaker's S3OutputPath; the job writes under <path><job>/output/."""
-        return f"s3://{self.bucket}/{layout.training_output_prefix(self.model)}"
+        return s3_uri(self.bucket, layout.training_output_prefix(self.model))
 
     @property
     def job_output_uri(self) -> str:
-        return f"{self.output_path}{self.job_name}/output/"
+        return s3_uri(self.bucket, layout.training_job_output_prefix(self.model, self.job_name))
 
     @property
     def artifact_uri(self) -> str:
-        return f"{self.job_output_uri}model.tar.gz"
+        return s3_uri(self.bucket, layout.training_artifact_key(self.model, self.job_name))
 
     @property
     def tags(self) -> dict[str, str]:

@@ -211,11 +211,11 @@ class CompletionHandler:
         self.config = config
 
     @classmethod
-    def create(cls, *, clients: AwsClients, settings: Settings, config: PipelineConfig) \
-            -> CompletionHandler:
+    def create(cls, *, clients: AwsClients, settings: Settings, config: PipelineConfig,
+               registry: Registry | None = None, state: StateStore | None = None) -> CompletionHandler:
         return cls(
-            registry=Registry(settings.registry_table, clients.dynamodb),
-            state=StateStore(settings.state_table, clients.dynamodb),
+            registry=registry or Registry.for_settings(settings, clients),
+            state=state or StateStore.for_settings(settings, clients),
             s3=clients.s3, events=clients.events, settings=settings, config=config,
         )
 
@@ -330,20 +330,20 @@ class CompletionHandler:
 
 
 def handle_sagemaker_event(event: dict[str, Any], *, clients: AwsClients, settings: Settings,
-                           config: PipelineConfig) -> CompletionResult:
-    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+                           config: PipelineConfig, **stores: Any) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config, **stores) \
         .handle_sagemaker(event)
 
 
 def handle_local_training_event(event: dict[str, Any], *, clients: AwsClients,
-                                settings: Settings, config: PipelineConfig) -> CompletionResult:
-    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+                                settings: Settings, config: PipelineConfig, **stores: Any) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config, **stores) \
         .handle_sagemaker(event, backend="local")
 
 
 def handle_batch_event(event: dict[str, Any], *, clients: AwsClients, settings: Settings,
-                       config: PipelineConfig) -> CompletionResult:
-    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+                       config: PipelineConfig, **stores: Any) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config, **stores) \
         .handle_batch(event)
 
 

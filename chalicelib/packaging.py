@@ -129,10 +129,11 @@ def handle_model_approved(
     clients: AwsClients,
     settings: Settings,
     config: PipelineConfig,
+    registry: Registry | None = None,
 ) -> ReleaseResult:
     """Release the approved version named in a `ModelApproved` event's detail."""
     event = ModelApproved.from_detail(detail)
-    registry = Registry(settings.registry_table, clients.dynamodb)
+    registry = registry or Registry.for_settings(settings, clients)
     try:
         model_config = config.model(event.model)
         record = registry.get(event.model, event.version)
@@ -176,7 +177,6 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     s3 = clients.s3
     bucket = settings.bucket
     model, version = event.model, event.version
-    prefix = layout.release_prefix(model, version)
 
     if event.rollback:
         files = _load_released_files(s3, bucket, model, version)
@@ -194,17 +194,17 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
 
     full_blob = encode_full(FULL_ENCODING, files.onnx)
     full = FullModel(encoding=FULL_ENCODING, size=len(full_blob), sha256=sha256_hex(full_blob),
-                     key=f"{prefix}model.onnx.{FULL_ENCODING}")
+                     key=layout.release_full_key(model, version, FULL_ENCODING))
     if not event.rollback:
         _put(s3, bucket, layout.champion_key(model, version), files.onnx,
              {"sha256": model_sha})
-        _put(s3, bucket, f"{prefix}golden.json", json.dumps(files.golden).encode())
-        _put(s3, bucket, f"{prefix}metrics.json", json.dumps(files.metrics).encode())
+        _put(s3, bucket, layout.release_golden_key(model, version), json.dumps(files.golden).encode())
+        _put(s3, bucket, layout.release_metrics_key(model, version), json.dumps(files.metrics).encode())
     _put(s3, bucket, full.key or "", full_blob, {"sha256": full.sha256})
 
     bases = [r for r in registry.release_history(model, model_config.delta_history + 1)
              if r.version != version][: model_config.delta_history]
-    deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases)
+    deltas = _build_deltas(s3, bucket, model, version, files.onnx, model_sha, full.size, bases)
 
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
@@ -215,8 +215,8 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
     job_id = iot_job_id(model, version, rollback_from=registry.released_version(model)
                             if event.rollback else None)
-    manifest_key = (f"{prefix}manifest.json" if not event.rollback
-                    else f"{prefix}rollback-{job_id}.json")
+    manifest_key = (layout.release_manifest_key(model, version) if not event.rollback
+                    else layout.rollback_manifest_key(model, version, job_id))
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
 
     with_urls = job_from_manifest(
@@ -272,7 +272,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
                          deltas=released_deltas)
 
 
-def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, full_size: int,
+def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, new_sha: str, full_size: int,
                   bases: list[VersionRecord]) -> list[Delta]:
     """Verified deltas from each base that beat the full artifact.
 
@@ -312,7 +312,7 @@ def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, f
             chosen.append(others[0])
         for codec in chosen:
             blob = built[codec]
-            key = f"{prefix}deltas/from-v{base.version:05d}.{codec}"
+            key = layout.release_delta_key(model, version, base.version, codec)
             sha = sha256_hex(blob)
             _put(s3, bucket, key, blob, {"sha256": sha})
             deltas.append(Delta(from_version=base.version, from_sha256=base_sha, codec=codec,
@@ -367,11 +367,10 @@ def _check_onnx(blob: bytes) -> bytes:
 
 
 def _load_released_files(s3: Any, bucket: str, model: str, version: int) -> ModelFiles:
-    prefix = layout.release_prefix(model, version)
     onnx_bytes = _get(s3, bucket, layout.champion_key(model, version))
-    golden = _json_member(_get(s3, bucket, f"{prefix}golden.json"), "golden.json")
+    golden = _json_member(_get(s3, bucket, layout.release_golden_key(model, version)), "golden.json")
     try:
-        metrics = _json_member(_get(s3, bucket, f"{prefix}metrics.json"), "metrics.json")
+        metrics = _json_member(_get(s3, bucket, layout.release_metrics_key(model, version)), "metrics.json")
     except ArtifactError:
         metrics = {}
     return ModelFiles(onnx=_check_onnx(onnx_bytes), golden=golden, metrics=metrics)

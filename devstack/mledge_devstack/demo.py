@@ -343,8 +343,8 @@ class Demo:
         self.stack = LocalStack(options.workdir / "stack", pipeline_config=options.pipeline_config)
         self.stack.start()
         clients, settings = self.stack.clients, self.stack.settings
-        self.registry = Registry(settings.registry_table, clients.dynamodb)
-        self.state = StateStore(settings.state_table, clients.dynamodb)
+        self.registry = Registry.for_settings(settings, clients)
+        self.state = StateStore.for_settings(settings, clients)
         self.event(f"  stack up: moto {settings.endpoint_url}, mosquitto localhost:"
                    f"{self.stack.mqtt_port} (TLS, client certificates, per-thing ACL)")
         self.fleet = Fleet(self.stack, options, self.model_name)
