@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from botocore.exceptions import ClientError
 from mledge_update.events import (
     BATCH_DETAIL_TYPE,
     BATCH_SOURCE,
@@ -36,7 +37,7 @@ from mledge_update.events import (
 from mledge_update.naming import identify_job
 
 from chalicelib.artifacts import MAX_MEMBER_BYTES, ArtifactError, open_object, parse_s3_uri, tar_members
-from chalicelib.aws import AwsClients
+from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import PipelineConfig, UnknownModelError
 from chalicelib.gate import evaluate
 from chalicelib.model_events import (
@@ -44,9 +45,17 @@ from chalicelib.model_events import (
     model_approved_detail,
     training_artifact_uri,
 )
-from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
+from chalicelib.registry import (
+    Registry,
+    Status,
+    TransitionError,
+    UnknownVersionError,
+    UnstorableValueError,
+    check_storable,
+)
 from chalicelib.settings import Settings
 from chalicelib.state import StateStore
+from chalicelib.untrusted import safe_repr
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +100,26 @@ class CompletionResult:
 # ---------------------------------------------------------------- parsing events
 
 
+def _detail(event: Any) -> dict[str, Any]:
+    detail = event.get("detail") if isinstance(event, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _reason_text(value: Any) -> str:
+    """A failure reason from an event: its text, or its JSON-ish repr, at most 1,024 chars."""
+    text = value if isinstance(value, str) else safe_repr(value)
+    return text[:1024]
+
+
 def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
                           backend: str = "sagemaker") -> JobStateChange:
-    detail = event.get("detail") or {}
-    job_name = str(detail.get("TrainingJobName", ""))
-    status = str(detail.get("TrainingJobStatus", ""))
+    detail = _detail(event)
+    job_name = _string(detail.get("TrainingJobName"))
+    status = _string(detail.get("TrainingJobStatus"))
     ident = identify_job(job_name, detail.get("Tags"), known_models)
     if status in SAGEMAKER_SUCCEEDED:
         state = "succeeded"
@@ -105,11 +129,14 @@ def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
         state = "running"
     reason = None
     if state == "failed":
-        reason = detail.get("FailureReason") or (
+        given = _reason_text(detail["FailureReason"]) if detail.get("FailureReason") else ""
+        reason = given or (
             "training job was stopped" if status == "Stopped" else "training job failed")
-        if status == "Stopped" and detail.get("FailureReason"):
-            reason = f"stopped: {detail['FailureReason']}"
-    artifact = (detail.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if status == "Stopped" and given:
+            reason = f"stopped: {given}"
+    artifacts = detail.get("ModelArtifacts")
+    artifact = artifacts.get("S3ModelArtifacts") if isinstance(artifacts, dict) else None
+    artifact = artifact if isinstance(artifact, str) and artifact else None
     return JobStateChange(
         backend=backend, job_name=job_name,
         model=ident[0] if ident else None, version=ident[1] if ident else None,
@@ -119,9 +146,9 @@ def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
 
 def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str) \
         -> JobStateChange:
-    detail = event.get("detail") or {}
-    job_name = str(detail.get("jobName", ""))
-    status = str(detail.get("status", ""))
+    detail = _detail(event)
+    job_name = _string(detail.get("jobName"))
+    status = _string(detail.get("status"))
     ident = identify_job(job_name, detail.get("tags"), known_models)
     if status in BATCH_SUCCEEDED:
         state = "succeeded"
@@ -143,15 +170,17 @@ def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str
 def _batch_failure_reason(detail: dict[str, Any]) -> str:
     parts: list[str] = []
     if detail.get("statusReason"):
-        parts.append(str(detail["statusReason"]))
-    container = dict(detail.get("container") or {})
-    attempts = detail.get("attempts") or []
-    if attempts and isinstance(attempts[-1], dict):
-        container = {**(attempts[-1].get("container") or {}), **container}
+        parts.append(_reason_text(detail["statusReason"]))
+    container = detail.get("container")
+    container = dict(container) if isinstance(container, dict) else {}
+    attempts = detail.get("attempts")
+    if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
+        last = attempts[-1].get("container")
+        container = {**(last if isinstance(last, dict) else {}), **container}
     if container.get("reason"):
-        parts.append(str(container["reason"]))
+        parts.append(_reason_text(container["reason"]))
     if container.get("exitCode") not in (None, 0):
-        parts.append(f"exit code {container['exitCode']}")
+        parts.append(f"exit code {_reason_text(container['exitCode'])[:40]}")
     return "; ".join(dict.fromkeys(parts)) or "batch job failed"
 
 
@@ -183,8 +212,11 @@ def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
         raise ArtifactError(f"model artifact {artifact_uri} has no model.onnx")
     try:
         metrics = json.loads(metrics_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"metrics.json in {artifact_uri} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"metrics.json in {artifact_uri} is nested too deeply to parse") \
+            from None
     if not isinstance(metrics, dict):
         raise ArtifactError(f"metrics.json in {artifact_uri} is not a JSON object")
     expected_sha = (metrics.get("onnx") or {}).get("sha256") \
@@ -296,8 +328,13 @@ class CompletionHandler:
             return self._record_failure(change, f"model is not in the pipeline config: {exc}")
         try:
             metrics = read_metrics(self.s3, artifact)
+            check_storable(metrics, "metrics")
         except ArtifactError as exc:
             return self._record_failure(change, str(exc))
+        except UnstorableValueError as exc:
+            # Stored as is it would fail the write on every redelivery and hold the lock.
+            return self._record_failure(change, f"metrics.json cannot be stored in the "
+                                                f"registry: {exc}")
         released_version = self.registry.released_version(model)
         scored_against = self.registry.get(model, version).lineage.get("champion_version")
         decision = evaluate(model_config, metrics,
@@ -315,6 +352,12 @@ class CompletionHandler:
         except TransitionError:
             current = self.registry.get(model, version)
             return self._duplicate(model, version, current.status)
+        except ClientError as exc:
+            if error_code(exc) != "ValidationException":
+                raise  # throttling, outages: the event is redelivered
+            # DynamoDB refused the content itself: retrying cannot succeed.
+            return self._record_failure(change, f"the registry refused the gate result: "
+                                                f"{exc.response.get('Error', {}).get('Message')}")
         released = self.state.release_training_lock(model, version)
         announced = self._announce(record) if decision.approved else False
         log.info("%s v%s %s: %s", model, version, to, "; ".join(decision.reasons))

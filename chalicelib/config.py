@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from mledge_update.families import FAMILIES, FAMILY_METRICS
+from mledge_update.naming import MODEL_NAME
 from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
 
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Used with fullmatch (`$` would also match before a trailing newline).
+FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class ConfigError(Exception):
@@ -81,6 +82,15 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True)
+class PackagingConfig:
+    """Limits on building a release's deltas (chalicelib/delta_budget.py)."""
+
+    time_budget_seconds: float = 60.0
+    memory_budget_mb: float = 1536.0
+    slow_codec_max_mb: float = 8.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     family: str
@@ -99,6 +109,7 @@ class ModelConfig:
     abort: AbortConfig = field(default_factory=AbortConfig)
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     uplink: UplinkPolicy = field(default_factory=UplinkPolicy)
+    packaging: PackagingConfig = field(default_factory=PackagingConfig)
 
 
 @dataclass(frozen=True)
@@ -200,7 +211,7 @@ def parse_pipeline_config(raw: dict[str, Any], *, file: str = "pipeline.toml") -
 
 def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
     where = f"models.{name}"
-    if not MODEL_NAME.match(name):
+    if not MODEL_NAME.fullmatch(name):
         raise ConfigError(
             f"{file}: {where}: model names use lowercase letters, digits and '-' (max 63)"
         )
@@ -225,6 +236,7 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         abort=_parse_abort(f.sub("abort")),
         timeout=_parse_timeout(f.sub("timeout")),
         uplink=_parse_uplink(f.sub("uplink")),
+        packaging=_parse_packaging(f.sub("packaging")),
     )
     f.done()
     return model
@@ -239,7 +251,7 @@ def _parse_schema(f: _Fields) -> FeatureSchema:
         sub.done()
         features = tuple(f"{prefix}{i}" for i in range(count))
     elif isinstance(features_raw, list) and features_raw:
-        if not all(isinstance(x, str) and FEATURE_NAME.match(x) for x in features_raw):
+        if not all(isinstance(x, str) and FEATURE_NAME.fullmatch(x) for x in features_raw):
             f.fail("features", "must be a list of identifiers like 'rms' or 'band_low'")
         if len(set(features_raw)) != len(features_raw):
             f.fail("features", "names must be unique")
@@ -323,6 +335,16 @@ def _parse_timeout(f: _Fields) -> TimeoutConfig:
     )
     f.done()
     return t
+
+
+def _parse_packaging(f: _Fields) -> PackagingConfig:
+    p = PackagingConfig(
+        time_budget_seconds=f.get("time_budget_seconds", "float", 60.0, minimum=1.0, maximum=900.0),
+        memory_budget_mb=f.get("memory_budget_mb", "float", 1536.0, minimum=64.0, maximum=10240.0),
+        slow_codec_max_mb=f.get("slow_codec_max_mb", "float", 8.0, minimum=0.0, maximum=512.0),
+    )
+    f.done()
+    return p
 
 
 def _parse_uplink(f: _Fields) -> UplinkPolicy:

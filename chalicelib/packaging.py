@@ -4,7 +4,8 @@ On `ModelApproved` (packaging, then the job document; docs/packaging.md):
 1. take `model.onnx` and `golden.json` out of the training artifact (`model.tar.gz`);
 2. upload the model (raw, the next training's champion and the base of later deltas)
    and the full artifact (zstd) under `releases/<model>/v<version>/`;
-3. for each of the last K released versions build a delta per codec, verify it by
+3. for each of the last K released versions build a delta per codec within the
+   model's time and memory budget (delta_budget.py), verify it by
    applying it and comparing SHA-256, and drop it unless smaller than the full
    artifact (bsdiff4 is always offered when it wins, so devices that know only the
    baseline still get a delta; a newer codec is offered beside it when smaller);
@@ -26,12 +27,7 @@ from typing import IO, Any
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
-from mledge_update.codecs import (
-    SUPPORTED_CODECS,
-    apply_delta,
-    encode_full,
-    make_delta,
-)
+from mledge_update.codecs import encode_full
 from mledge_update.document import (
     Delta,
     FullModel,
@@ -42,14 +38,16 @@ from mledge_update.document import (
     presigned_url_placeholder,
     smoke_from_golden,
 )
-from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFormatError
+from mledge_update.errors import JobDocumentTooLargeError, UpdateFormatError
 from mledge_update.hashing import sha256_hex
 from mledge_update.naming import iot_job_id
 
 from chalicelib import layout, ota
 from chalicelib.artifacts import MAX_MEMBER_BYTES, ArtifactError, open_object, parse_s3_uri, s3_uri, tar_members
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.config import ModelConfig, PackagingConfig, PipelineConfig, UnknownModelError
+from chalicelib.delta_budget import BASELINE_CODEC, build_deltas
+from chalicelib.records import INT64_MAX
 from chalicelib.registry import (
     AlreadyReleasedError,
     Registry,
@@ -60,10 +58,10 @@ from chalicelib.registry import (
     now_iso,
 )
 from chalicelib.settings import Settings
+from chalicelib.untrusted import shown
 
 logger = Logger(child=True)
 
-BASELINE_CODEC = "bsdiff4"
 FULL_ENCODING = "zstd"
 
 class PackagingError(Exception):
@@ -81,26 +79,37 @@ class ModelApproved:
     rollback: bool = False
 
     @classmethod
-    def from_detail(cls, detail: dict[str, Any]) -> ModelApproved:
-        try:
-            model = str(detail["model"])
-            version = int(detail["version"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PackagingError(f"ModelApproved detail needs model and version: {exc}") from None
-        return cls(
-            model=model,
-            version=version,
-            artifact=detail.get("artifact") or None,
-            manual=bool(detail.get("manual", False)),
-            rollback=bool(detail.get("rollback", False)),
-        )
+    def from_detail(cls, detail: Any) -> ModelApproved:
+        """Parse an event detail; PackagingError names the first field that is wrong."""
+        if not isinstance(detail, dict):
+            raise PackagingError(f"ModelApproved detail must be an object, got "
+                                 f"{type(detail).__name__}")
+        model, version = detail.get("model"), detail.get("version")
+        if not isinstance(model, str) or not model:
+            raise PackagingError(f"ModelApproved detail needs model (a non-empty string), "
+                                 f"got {shown(model)}")
+        if type(version) is not int or not 1 <= version <= INT64_MAX:
+            raise PackagingError(f"ModelApproved detail needs version (a whole number >= 1), "
+                                 f"got {shown(version)}")
+        artifact = detail.get("artifact")
+        if artifact is not None and not isinstance(artifact, str):
+            raise PackagingError(f"ModelApproved artifact must be an s3:// URI, got "
+                                 f"{shown(artifact)}")
+        flags = {}
+        for name in ("manual", "rollback"):
+            value = detail.get(name, False)
+            if not isinstance(value, bool):
+                raise PackagingError(f"ModelApproved {name} must be true or false, got "
+                                     f"{shown(value)}")
+            flags[name] = value
+        return cls(model=model, version=version, artifact=artifact or None, **flags)
 
 
 @dataclass
 class ReleaseResult:
     model: str
     version: int
-    outcome: str  # released | skipped | failed
+    outcome: str  # released | skipped | failed | invalid
     reason: str = ""
     job_id: str | None = None
     manifest_key: str | None = None
@@ -131,8 +140,17 @@ def handle_model_approved(
     config: PipelineConfig,
     registry: Registry | None = None,
 ) -> ReleaseResult:
-    """Release the approved version named in a `ModelApproved` event's detail."""
-    event = ModelApproved.from_detail(detail)
+    """Release the approved version named in a `ModelApproved` event's detail.
+
+    A malformed detail is logged with its reason and dropped (outcome `invalid`):
+    EventBridge would only retry it unchanged.
+    """
+    try:
+        event = ModelApproved.from_detail(detail)
+    except PackagingError as exc:
+        logger.error("invalid ModelApproved dropped", extra={
+            "error": str(exc), "detail": shown(detail, 2000)})
+        return ReleaseResult("", 0, "invalid", f"invalid ModelApproved detail: {exc}")
     registry = registry or Registry.for_settings(settings, clients)
     try:
         model_config = config.model(event.model)
@@ -204,7 +222,9 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
 
     bases = [r for r in registry.release_history(model, model_config.delta_history + 1)
              if r.version != version][: model_config.delta_history]
-    deltas = _build_deltas(s3, bucket, model, version, files.onnx, model_sha, full.size, bases)
+    skipped: list[dict[str, Any]] = []
+    deltas = _build_deltas(s3, bucket, model, version, files.onnx, model_sha, full.size, bases,
+                           model_config.packaging, skipped)
 
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
@@ -252,6 +272,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         "deltas": released_deltas,
         "rollback": event.rollback,
         "manual": event.manual,
+        "deltas_skipped": skipped,
         "packaging_seconds": round(time.monotonic() - started, 3),
     }
     try:
@@ -273,13 +294,16 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
 
 
 def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, new_sha: str, full_size: int,
-                  bases: list[VersionRecord]) -> list[Delta]:
-    """Verified deltas from each base that beat the full artifact.
+                  bases: list[VersionRecord], budget: PackagingConfig,
+                  skipped: list[dict[str, Any]]) -> list[Delta]:
+    """Verified deltas from each base that beat the full artifact, built within the
+    model's packaging budget (delta_budget.py); what was skipped and why goes to `skipped`.
 
     Per base: the bsdiff4 delta when it beats the full artifact, plus the smallest
     delta of any other codec when it beats both (devices choose the smallest they know).
     """
     deltas: list[Delta] = []
+    deadline = time.monotonic() + budget.time_budget_seconds
     for base in bases:
         base_sha = (base.release or {}).get("model_sha256")
         try:
@@ -293,17 +317,11 @@ def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, ne
                            extra={"base": base.version})
             continue
         base_sha = sha256_hex(old)
-        built: dict[str, bytes] = {}
-        for codec in SUPPORTED_CODECS:
-            blob = make_delta(codec, old, new)
-            try:
-                apply_delta(codec, old, blob, expected_sha256=new_sha)
-            except PatchError as exc:
-                logger.error("delta failed verification; dropped",
-                             extra={"base": base.version, "codec": codec, "error": str(exc)})
-                continue
-            if len(blob) < full_size:
-                built[codec] = blob
+        result = build_deltas(old, new, new_sha, full_size, budget, deadline)
+        for codec, reason in result.skipped:
+            logger.info("delta not built", extra={"base": base.version, "codec": codec, "reason": reason})
+            skipped.append({"from_version": base.version, "codec": codec, "reason": reason})
+        built = result.built
         chosen: list[str] = []
         if BASELINE_CODEC in built:
             chosen.append(BASELINE_CODEC)
@@ -351,8 +369,10 @@ def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFi
 def _json_member(raw: bytes, name: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"{name} is nested too deeply to parse") from None
     if not isinstance(value, dict):
         raise ArtifactError(f"{name} must hold a JSON object")
     return value
