@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mledge_devstack.demo_record import decided_at, iso_to_epoch
+from mledge_devstack.demo.record import decided_at, iso_to_epoch
 
 if TYPE_CHECKING:
-    from mledge_devstack.demo_display import Display
-    from mledge_devstack.demo_record import DemoRecord, Snapshot
+    from mledge_devstack.demo.display import Display
+    from mledge_devstack.demo.record import DemoRecord, Snapshot
 
 FINAL_PHASE = {"anomaly": "faults", "digits": "classify"}
 

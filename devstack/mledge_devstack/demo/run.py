@@ -5,7 +5,7 @@
 Starts the local stack (moto server + IoT bridge, mosquitto with TLS and per-thing ACLs,
 the dispatcher running app.py's handlers, the local training backend running the real
 trainer), provisions N things with their own certificates, runs one device agent per
-thing (`mledge_devstack.demo_device`: `mledge_edge.Agent` + a scenario-controlled
+thing (`mledge_devstack.demo.device`: `mledge_edge.Agent` + a scenario-controlled
 simulator) and plays a story, printing progress; then writes `summary.json` and
 `report.html` into the output folder (docs/demo.md explains both).
 
@@ -48,8 +48,8 @@ from chalicelib import layout
 from chalicelib.config import ModelConfig, load_pipeline_config
 from chalicelib.registry import Registry, Status, VersionRecord
 from chalicelib.state import StateStore
-from mledge_devstack.demo_display import Display
-from mledge_devstack.demo_record import (  # noqa: F401  (re-exported: the demo's public names)
+from mledge_devstack.demo.display import Display
+from mledge_devstack.demo.record import (  # noqa: F401  (re-exported: the demo's public names)
     DECIDED,
     DEFAULT_OUTPUT,
     DEFAULT_WORKDIR,
@@ -127,7 +127,7 @@ class Fleet:
         for device in self.devices:
             device.state_dir.mkdir(parents=True, exist_ok=True)
             argv = [
-                sys.executable, "-m", "mledge_devstack.demo_device",
+                sys.executable, "-m", "mledge_devstack.demo.device",
                 "--control", str(self.control_path), "--scenario", self.options.scenario,
                 "--device-index", str(device.index), "--device-count", str(len(self.devices)),
                 "--thing", device.name, "--model", self.model,
@@ -383,7 +383,7 @@ class Demo:
                 self.stack.stop()
             stop_leftover_children()
         if summary:
-            from mledge_devstack.demo_report import print_summary, write_outputs
+            from mledge_devstack.demo.report import print_summary, write_outputs
 
             paths = write_outputs(summary, self.options.output)
             if error is None:
@@ -403,7 +403,7 @@ class Demo:
             progress=self.data_progress)
         if first.status != Status.REJECTED:
             self.event(self.display.bad(f"  note: the first model was {first.status}, "
-                                        "not rejected (check demo_pipeline.toml)"))
+                                        "not rejected (check demo/pipeline.toml)"))
 
         self.stage("2 learn", "more data arrives; a retrain must pass the gate and reach "
                    "every device (full model: nothing to patch yet)")
@@ -618,7 +618,7 @@ class Demo:
                    f"whole fleet {entry['seconds_threshold_to_fleet']} s")
 
     def _summary(self, snap: Snapshot | None, error: BaseException | None) -> dict[str, Any]:
-        from mledge_devstack.demo_report import build_summary
+        from mledge_devstack.demo.report import build_summary
 
         return build_summary(self, snap, error)
 

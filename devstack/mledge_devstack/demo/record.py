@@ -13,7 +13,7 @@ from chalicelib.config import ModelConfig
 from chalicelib.registry import Status, VersionRecord
 from mledge_devstack.stack import PROJECT_DIR
 
-DEMO_PIPELINE_CONFIG = Path(__file__).with_name("demo_pipeline.toml")
+DEMO_PIPELINE_CONFIG = Path(__file__).with_name("pipeline.toml")
 DEFAULT_OUTPUT = PROJECT_DIR / "demo-output"
 DEFAULT_WORKDIR = PROJECT_DIR / ".devstack" / "demo"
 SCENARIO_MODEL = {"anomaly": "vibration-anomaly", "digits": "digits"}
@@ -116,7 +116,7 @@ def failing_reasons(record: VersionRecord) -> list[str]:
 
 
 class DemoRecord(Protocol):
-    """The record of one run that `demo_report` turns into the summary."""
+    """The record of one run that `report` turns into the summary."""
 
     options: DemoOptions
     model: ModelConfig
