@@ -54,7 +54,8 @@ def test_an_oversized_member_is_refused_before_it_is_read():
         list(tar_members(io.BytesIO(blob), "s3://b/k", {"model.onnx": 10}))
 
 
-@pytest.mark.parametrize("blob", [b"", b"not a tar", gzip.compress(b"not a tar either"), _tar({"a": b"1"})[:40]])
+@pytest.mark.parametrize("blob", [b"", b"not a tar", gzip.compress(b"not a tar either", mtime=0),
+                                  _tar({"a": b"1"})[:40]], ids=["empty", "text", "gzip-not-tar", "truncated"])
 def test_what_is_not_a_tar_archive_is_an_artifact_error(blob):
     with pytest.raises(ArtifactError, match=r"is not a readable tar\.gz"):
         list(tar_members(io.BytesIO(blob), "s3://b/k", {"model.onnx": 10}))

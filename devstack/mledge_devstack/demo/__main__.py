@@ -2,6 +2,6 @@
 
 import sys
 
-from mledge_devstack.demo.run import main
+from mledge_devstack.demo.cli import main
 
 sys.exit(main())

@@ -28,9 +28,7 @@ stopped on success, failure, Ctrl-C and SIGTERM.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -46,7 +44,7 @@ from typing import Any, TypeVar
 
 from chalicelib import layout
 from chalicelib.config import ModelConfig, load_pipeline_config
-from chalicelib.registry import Registry, Status, VersionRecord
+from chalicelib.registry import Registry, Status
 from chalicelib.state import StateStore
 from mledge_devstack.demo.display import Display
 from mledge_devstack.demo.record import (  # noqa: F401  (re-exported: the demo's public names)
@@ -161,8 +159,9 @@ class Fleet:
 class Demo:
     """One run of a scenario: the stack, the fleet, the observer, the display, the record."""
 
-    def __init__(self, options: DemoOptions) -> None:
+    def __init__(self, options: DemoOptions, story: Callable[[Demo], None]) -> None:
         self.options = options.validate()
+        self.story = story  # the scenario (anomaly.py, digits.py) told on this run
         self.model_name = SCENARIO_MODEL[options.scenario]
         self.config = load_pipeline_config(options.pipeline_config)
         self.model: ModelConfig = self.config.model(self.model_name)
@@ -319,10 +318,7 @@ class Demo:
         summary: dict[str, Any] = {}
         try:
             self._setup()
-            if self.options.scenario == "anomaly":
-                self._anomaly()
-            else:
-                self._digits()
+            self.story(self)
         except BaseException as exc:
             error = exc
         finally:
@@ -391,160 +387,6 @@ class Demo:
             d.write(f"summary: {paths['summary']}\nreport:  {paths['report']}")
         return summary
 
-    # ------------------------------------------------------------------ anomaly story
-    def _anomaly(self) -> None:
-        assert self.fleet is not None
-        n = len(self.fleet.devices)
-        self.stage("1 stream", "no model yet: every reading goes up; the first training "
-                   f"starts after {self.model.min_new_records} new records")
-        first = self.wait_for(
-            "first training and its gate decision",
-            lambda s: next((r for r in s.versions.values() if r.status in DECIDED), None),
-            progress=self.data_progress)
-        if first.status != Status.REJECTED:
-            self.event(self.display.bad(f"  note: the first model was {first.status}, "
-                                        "not rejected (check demo/pipeline.toml)"))
-
-        self.stage("2 learn", "more data arrives; a retrain must pass the gate and reach "
-                   "every device (full model: nothing to patch yet)")
-        first_release = self.wait_for(
-            "first release installed on every device",
-            lambda s: next((r.version for r in s.released() if s.count_serving(r.version) == n),
-                           None),
-            progress=self.rollout_progress(
-                lambda s: max((r.version for r in s.released()), default=None)))
-        self.record_release(first_release)
-
-        self.stage("3 steady", f"v{first_release} serves on every device: only anomalies, "
-                   f"a {self.model.uplink.sample_rate:.0%} sample and summaries go up")
-        self.fleet.set_control(phase="steady")
-        steady_until = time.monotonic() + self.options.steady_seconds
-        # Retrains started on data sent before the model arrived are decided first (the
-        # gate compares them with what the fleet runs); the shift waits for a quiet fleet.
-        current = self.wait_for(
-            "the fleet runs one model and no training is in flight",
-            lambda s: self._quiet_release(s, steady_until),
-            progress=lambda s: (None, "measuring the uplink with a model; "
-                                + ("waiting for the training in flight"
-                                   if s.in_flight() else "fleet on one model")))
-        if current != first_release:
-            self.record_release(current)
-
-        shift_at = time.time()
-        self.marks["shift"] = self.elapsed()
-        self.stage("4 shift", "the line adds a high-speed product (250 Hz shaft) half the time: "
-                   f"v{current} flags those readings and sends them; they trigger a retrain")
-        self.fleet.set_control(phase="shift", regime="shifted")
-        final_release = self.wait_for(
-            "a release trained on the new regime installed on every device",
-            lambda s: next((r.version for r in s.released()
-                            if (iso_to_epoch(r.created_at) or 0) > shift_at
-                            and s.count_serving(r.version) == n), None),
-            progress=self.rollout_progress(
-                lambda s: max((r.version for r in s.released()
-                               if (iso_to_epoch(r.created_at) or 0) > shift_at), default=None)))
-        self.record_release(final_release)
-
-        self.stage("5 faults", f"faults injected in {self.options.fault_rate:.0%} of readings: "
-                   f"v{final_release} flags them on the device")
-        self.marks["faults"] = self.elapsed()
-        self.fleet.set_control(phase="faults", fault_rate=self.options.fault_rate)
-        target = self.options.fault_readings_per_device
-        recorded = {final_release}
-
-        def fault_readings(snap: Snapshot) -> int:
-            current = self._current_release(snap)
-            low = None
-            for stats in snap.devices.values():
-                entry = (stats.get("demo") or {}).get(f"faults/v{current}") or {}
-                count = int(entry.get("readings", 0))
-                low = count if low is None else min(low, count)
-            return low or 0
-
-        def finished(snap: Snapshot) -> bool:
-            # Data sent while the new release rolled out may start one more retrain; the
-            # story ends once it is decided (and, if it won, installed everywhere).
-            current = self._current_release(snap)
-            if current is not None and current not in recorded and \
-                    snap.count_serving(current) == n:
-                recorded.add(current)
-                self.record_release(current)
-            return (not snap.in_flight() and current in recorded
-                    and fault_readings(snap) >= target)
-
-        self.wait_for("every device reads with faults injected; no training in flight",
-                      lambda s: finished(s) or None,
-                      progress=lambda s: (fault_readings(s) / target,
-                                          f"{fault_readings(s)}/{target} readings per device"
-                                          + ("; a retrain is in flight" if s.in_flight() else "")))
-        self.stage("done", "stopping")
-
-    @staticmethod
-    def _current_release(snap: Snapshot) -> int | None:
-        released = [r.version for r in snap.versions.values() if r.status == Status.RELEASED]
-        return released[0] if released else None
-
-    def _quiet_release(self, snap: Snapshot, steady_until: float) -> int | None:
-        if snap.in_flight() or time.monotonic() < steady_until:
-            return None
-        released = [r for r in snap.versions.values() if r.status == Status.RELEASED]
-        if not released:
-            return None
-        current = released[0].version
-        return current if snap.count_serving(current) == len(snap.devices) else None
-
-    # ------------------------------------------------------------------ digits story
-    def _digits(self) -> None:
-        assert self.fleet is not None and self.stack is not None
-        from chalicelib.operator import Operator
-
-        n = len(self.fleet.devices)
-        operator = Operator(clients=self.stack.clients, settings=self.stack.settings,
-                            config=self.config)
-        consumed = 0
-        decisions: list[VersionRecord] = []
-        for share, label in ((0.10, "10 %"), (0.70, "70 %")):
-            limit = int(DIGITS_TOTAL * share)
-            self.fleet.set_control(phase=f"stream-{int(share * 100)}", digits_limit=limit)
-            self.stage(f"stream {label}", f"devices send the first {label} of the digits "
-                       f"({limit} images) with their labels")
-            need = limit - consumed
-            self.wait_for(f"{limit} images stored in S3", functools.partial(_stored, need),
-                          progress=functools.partial(_stored_progress, need))
-            self.stage(f"train {label}", f"the operator starts a training on {label} "
-                       "(`mledge train digits`)")
-            start = operator.train(self.model_name, reason=f"demo: operator trains on {label}")
-            consumed = limit
-            version = start.version
-            decisions.append(self.wait_for(
-                f"v{version}'s gate decision", functools.partial(_decided, version),
-                progress=functools.partial(_training_progress, version)))
-        released = decisions[-1]
-        if released.status == Status.REJECTED:
-            raise DemoError(f"the 70 % model v{released.version} was rejected: "
-                            + "; ".join(failing_reasons(released)))
-        self.stage("release", f"v{released.version} goes to every device")
-        self.wait_for("every device serves the classifier",
-                      lambda s: s.count_serving(released.version) == n or None,
-                      progress=self.rollout_progress(lambda s: released.version))
-        self.record_release(released.version)
-        self.stage("classify", "devices classify the remaining 30 % locally "
-                   f"(send a {self.model.uplink.sample_rate:.0%} sample and summaries)")
-        self.marks["classify"] = self.elapsed()
-        self.fleet.set_control(phase="classify", digits_limit=DIGITS_TOTAL)
-        left = DIGITS_TOTAL - int(DIGITS_TOTAL * 0.70)
-
-        def classified(snap: Snapshot) -> int:
-            return sum(int(((st.get("demo") or {}).get(f"classify/v{released.version}") or {})
-                           .get("readings", 0)) for st in snap.devices.values())
-
-        self.wait_for("the remaining images classified on the devices",
-                      lambda s: classified(s) >= left or None,
-                      progress=lambda s: (classified(s) / left,
-                                          f"{classified(s)}/{left} images classified on devices"))
-        self.stage("done", "stopping")
-
-    # ------------------------------------------------------------------ records
     def record_release(self, version: int) -> None:
         """What one release shipped and how the fleet took it, read while it is current."""
         assert self.stack is not None and self.registry is not None and self.fleet is not None
@@ -663,74 +505,3 @@ def _signals_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise DemoInterruptedError(f"signal {signal.Signals(signum).name}")
-
-
-def run_demo(options: DemoOptions) -> dict[str, Any]:
-    return Demo(options).run()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mledge_devstack.demo",
-        description="The local end-to-end demo: a simulated fleet of real device agents, the "
-                    "whole retrain-and-deliver loop (docs/demo.md).")
-    parser.add_argument("--scenario", choices=sorted(SCENARIO_MODEL), default="anomaly")
-    parser.add_argument("--devices", type=int, default=10)
-    parser.add_argument("--fleet-rate", type=float, default=30.0,
-                        help="readings per second across the fleet (split evenly)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="where summary.json and report.html go")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help="stack files, device state, logs")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole story")
-    parser.add_argument("--plain", action="store_true", help="no live redraw, no colours")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # A slow stop escalates to SIGKILL by design; the display says what is stopping.
-    logging.getLogger("mledge_devstack.procs").setLevel(logging.ERROR)
-    options = DemoOptions(scenario=args.scenario, devices=args.devices,
-                          fleet_rate=args.fleet_rate, output=args.output.resolve(),
-                          workdir=args.workdir.resolve(), timeout=args.timeout,
-                          live=False if args.plain else None)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)  # the terminal closed: clean up too
-    # Ctrl-C stops the story even where the demo was started with SIGINT ignored (a
-    # background job of a script): cleanup then runs as for any other stop.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        summary = run_demo(options)
-    except (KeyboardInterrupt, DemoInterruptedError):
-        return 130
-    except DemoError:
-        return 1
-    return 0 if summary.get("outcome") == "passed" else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# Conditions the digits story waits for (bound with functools.partial inside its loop).
-def _stored(need: int, snapshot: Snapshot) -> bool | None:
-    return snapshot.new_records >= need or None
-
-
-def _stored_progress(need: int, snapshot: Snapshot) -> tuple[float | None, str]:
-    return snapshot.new_records / need, f"{snapshot.new_records}/{need} new records"
-
-
-def _decided(version: int, snapshot: Snapshot) -> VersionRecord | None:
-    record = snapshot.versions.get(version)
-    return record if record is not None and record.status in DECIDED else None
-
-
-def _training_progress(version: int, snapshot: Snapshot) -> tuple[float | None, str]:
-    return None, f"training v{version} (the real trainer)"
