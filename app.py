@@ -8,7 +8,7 @@ from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, Request, SQSEvent
 from mledge_update.events import MODEL_APPROVED, PIPELINE_SOURCE
 
-from chalicelib import completion, ingest, operator_api, packaging, schedule, trigger
+from chalicelib import canary, compaction, completion, ingest, operator_api, packaging, schedule, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -45,6 +45,15 @@ def retrain_on_schedule(event: CloudWatchEvent) -> None:
     rt = get_runtime()
     trigger.run_scheduled_trainings(clients=rt.clients, settings=rt.settings, config=rt.config,
                                     registry=rt.registry, state=rt.state, backend_factory=rt.backend)
+
+
+# --- compaction: raw/ JSON lines -> Parquet by model and day (chalicelib/compaction.py) ---
+
+@app.schedule(Rate(compaction.COMPACTION_TICK_MINUTES, unit=Rate.MINUTES))
+def compact_on_schedule(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    compaction.run_scheduled_compaction(clients=rt.clients, settings=rt.settings,
+                                        config=rt.config)
 
 
 # --- training completion -> registry + gate (chalicelib/completion.py) ---------------
@@ -139,3 +148,11 @@ def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
     return packaging.handle_model_approved(event.detail, clients=rt.clients, settings=rt.settings,
                                            config=rt.config, registry=rt.registry).to_dict()
+
+
+# --- health-gated rollout (chalicelib/canary.py): promote a healthy canary, roll back a bad one ---
+
+@app.schedule(Rate(canary.TICK_MINUTES, unit=Rate.MINUTES))
+def canary_tick(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    canary.tick(clients=rt.clients, settings=rt.settings, config=rt.config)

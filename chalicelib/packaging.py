@@ -31,6 +31,7 @@ from mledge_update.codecs import encode_full
 from mledge_update.document import (
     Delta,
     FullModel,
+    HealthProbe,
     UpdateJob,
     build_manifest,
     fit_job_document,
@@ -77,6 +78,7 @@ class ModelApproved:
     artifact: str | None = None
     manual: bool = False
     rollback: bool = False
+    reason: str = ""  # why (a rollback's reason is recorded in the registry)
 
     @classmethod
     def from_detail(cls, detail: Any) -> ModelApproved:
@@ -95,6 +97,9 @@ class ModelApproved:
         if artifact is not None and not isinstance(artifact, str):
             raise PackagingError(f"ModelApproved artifact must be an s3:// URI, got "
                                  f"{shown(artifact)}")
+        reason = detail.get("reason", "")
+        if not isinstance(reason, str):
+            raise PackagingError(f"ModelApproved reason must be a string, got {shown(reason)}")
         flags = {}
         for name in ("manual", "rollback"):
             value = detail.get(name, False)
@@ -102,7 +107,8 @@ class ModelApproved:
                 raise PackagingError(f"ModelApproved {name} must be true or false, got "
                                      f"{shown(value)}")
             flags[name] = value
-        return cls(model=model, version=version, artifact=artifact or None, **flags)
+        return cls(model=model, version=version, artifact=artifact or None,
+                   reason=reason[:1000], **flags)
 
 
 @dataclass
@@ -226,15 +232,19 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     deltas = _build_deltas(s3, bucket, model, version, files.onnx, model_sha, full.size, bases,
                            model_config.packaging, skipped)
 
+    # A canary release goes to the canary group first, asking each device for a health
+    # report; chalicelib/canary.py releases it to the fleet (or rolls it back).
+    canary = model_config.canary.enabled and not event.rollback
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
         full=full, smoke=smoke, schema=model_config.schema.to_document(),
         deltas=tuple(deltas), uplink=model_config.uplink.to_document(),
         rollback=event.rollback,
+        health=HealthProbe(model_config.canary.health_readings) if canary else None,
     )
     manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
     job_id = iot_job_id(model, version, rollback_from=registry.released_version(model)
-                            if event.rollback else None)
+                        if event.rollback else None, canary=canary)
     manifest_key = (layout.release_manifest_key(model, version) if not event.rollback
                     else layout.rollback_manifest_key(model, version, job_id))
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
@@ -256,7 +266,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         ota.ensure_update_job(
             clients.iot, job_id=job_id, document=document, model_config=model_config,
             presign_role_arn=settings.iot_presign_role_arn, stage=settings.stage,
-            version=version,
+            version=version, thing_group=model_config.canary.thing_group if canary else None,
         )
     except ota.OtaError as exc:
         raise PackagingError(str(exc)) from None
@@ -274,7 +284,10 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         "manual": event.manual,
         "deltas_skipped": skipped,
         "packaging_seconds": round(time.monotonic() - started, 3),
+        "phase": "canary" if canary else "fleet",
     }
+    if event.reason:
+        release_info["reason"] = event.reason
     try:
         registry.mark_released(model, version, release_info)
     except AlreadyReleasedError:
@@ -283,8 +296,11 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         raise PackagingError(f"registry refused the release: {exc}") from None
 
     if previous is not None and previous.version != version:
-        old_job = (previous.release or {}).get("job_id")
-        if old_job and old_job != job_id:
+        # The previous release's job keeps serving the fleet while a canary runs.
+        old_jobs = sorted({str(j) for j in ((previous.release or {}).get("job_id"),
+                                            (previous.release or {}).get("canary_job_id"))
+                           if j and j != job_id})
+        for old_job in old_jobs if not canary else []:
             ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
 
     logger.info("released", extra=release_info)

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from trainer import onnx_export
-from trainer.data import Split, describe_skipped, load_dataset, split_dataset
+from trainer.columnar import load_channel
+from trainer.data import Split, describe_skipped, split_dataset
 from trainer.errors import ChampionError, DataError, TrainingError
 from trainer.families import ModelFamily, get_family
 from trainer.families.base import FittedModel
@@ -43,16 +45,26 @@ def log(message: str) -> None:
     print(f"[trainer] {message}", flush=True)
 
 
-def score_champion(path: Path, family: ModelFamily, fitted: FittedModel, params: Any,
-                   common: CommonParams, holdout: Split) -> dict[str, float] | None:
-    """The champion ONNX's metrics on the challenger's holdout, or None without a champion."""
+def load_champion(path: Path, common: CommonParams) -> tuple[bytes, ort.InferenceSession] | None:
+    """The champion ONNX (bytes and session), checked against the conventions; None without one.
+
+    Loaded before training, so a broken champion fails the run before a long fit."""
     if not path.is_file():
         return None
+    model_bytes = path.read_bytes()
     try:
-        sess = onnx_export.session(path.read_bytes())
+        sess = onnx_export.session(model_bytes)
     except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
         raise ChampionError(f"champion model.onnx cannot be loaded: {exc}") from None
     onnx_export.check_conventions(sess, len(common.features), what="champion")
+    return model_bytes, sess
+
+
+def score_champion(sess: ort.InferenceSession | None, family: ModelFamily, fitted: FittedModel,
+                   params: Any, common: CommonParams, holdout: Split) -> dict[str, float] | None:
+    """The champion ONNX's metrics on the challenger's holdout, or None without a champion."""
+    if sess is None:
+        return None
     try:
         outputs = onnx_export.run(sess, holdout.features)
     except Exception as exc:
@@ -88,7 +100,7 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
         f"{len(common.features)} features, params {params}")
 
     phase.start()
-    data = load_dataset(paths.train_channel, len(common.features),
+    data = load_channel(paths.train_channel, len(common.features),
                         with_labels=family.needs_labels)
     log(f"loaded {len(data)} usable records from {data.files} files in "
         f"{phase.end('load'):.2f}s; skipped {data.skipped} "
@@ -100,8 +112,10 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
     train_split, holdout = split_dataset(data, common.holdout_percent)
     phase.end("split")
     family.check_data(params, train_split, holdout)
+    champion_loaded = load_champion(paths.champion_model, common)
+    champion_bytes, champion_sess = champion_loaded or (None, None)
 
-    fitted = family.fit(params, common, train_split)
+    fitted = family.fit(params, common, train_split, champion_bytes)
     log(f"fitted on {len(train_split)} records in {phase.end('fit'):.2f}s: {fitted.details}")
 
     model_bytes = onnx_export.finalize(
@@ -112,7 +126,7 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
     exported = onnx_export.run(sess, holdout.features)
     parity = onnx_export.parity(family.library_outputs(fitted, holdout.features), exported)
     challenger = family.evaluate(fitted, params, common, holdout, *exported)
-    champion = score_champion(paths.champion_model, family, fitted, params, common, holdout)
+    champion = score_champion(champion_sess, family, fitted, params, common, holdout)
     log(f"challenger {challenger}, champion {champion}, parity {parity} "
         f"(evaluated in {phase.end('evaluate'):.2f}s)")
 

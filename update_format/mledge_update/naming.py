@@ -53,11 +53,15 @@ def job_tags(model: str, version: int, stage: str) -> dict[str, str]:
     return {TAG_MODEL: model, TAG_VERSION: str(version), TAG_STAGE: stage}
 
 
-def iot_job_id(model: str, version: int, *, rollback_from: int | None = None) -> str:
-    """The IoT Job that releases a version (`...-rollback-from-v<n>` when it rolls back)."""
+def iot_job_id(model: str, version: int, *, rollback_from: int | None = None,
+               canary: bool = False) -> str:
+    """The IoT Job that releases a version (`...-rollback-from-v<n>` when it rolls back,
+    `...-canary` for its canary group's job)."""
     job_id = f"{JOB_PREFIX}{model}-v{version:05d}"
     if rollback_from is not None:
         job_id += f"-rollback-from-v{rollback_from:05d}"
+    if canary:
+        job_id += "-canary"
     return job_id[:IOT_JOB_ID_LIMIT]
 
 

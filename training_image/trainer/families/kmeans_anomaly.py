@@ -111,7 +111,8 @@ class KMeansAnomalyFamily(ModelFamily):
             raise DataError(
                 f"too little data: {len(holdout)} holdout records; silhouette needs at least 3")
 
-    def fit(self, params: KMeansParams, common: CommonParams, train: Split) -> FittedModel:
+    def fit(self, params: KMeansParams, common: CommonParams, train: Split,
+            champion_model: bytes | None = None) -> FittedModel:
         scaler = StandardScaler().fit(train.features)
         points = scaler.transform(train.features)
         rng = np.random.default_rng(common.seed)
