@@ -45,6 +45,7 @@ system-deps:
 lint: env
 	$(PY) -m ruff check .
 	$(PY) -m mypy $(TYPED)
+	$(VENV)/bin/lint-imports  # layering and no import cycles: [tool.importlinter] in pyproject.toml
 
 test: env system-deps lint
 	$(PY) -m pytest -q
