@@ -4,7 +4,9 @@ The job id is deterministic (`mledge-<model>-v<version>`, or
 `...-rollback-from-v<n>` for a rollback), so a repeated `ModelApproved` event finds
 the job it already created instead of creating a second one. Rollout (exponential
 rate), abort (failure percentage after a minimum of executed things), timeout and
-retries come from the model's config (REFERENCES.md: IoT Jobs limits).
+retries come from the model's config, within IoT Jobs' limits (rollout base 1-1,000 per
+minute and increment factor 1.1-5, in-progress timeout 1 minute to 7 days, 0-10 retries
+per failure type; abort cancels only QUEUED executions).
 """
 
 from __future__ import annotations

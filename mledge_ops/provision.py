@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mledge_update.naming import AGENT_CONFIG_FILE, SIMULATED_SENSOR
+
 from chalicelib.aws import error_code
 from chalicelib.config import ConfigError, UnknownModelError, load_pipeline_config
 from chalicelib.ota import OtaError, ensure_thing_group
@@ -43,10 +45,8 @@ MQTT_TLS_PORT = 8883
 ROOT_CA_URL = "https://www.amazontrust.com/repository/AmazonRootCA1.pem"
 CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "private.key", "AmazonRootCA1.pem"
 RELEASE_KEYS_FILE = "release-keys.pem"
-AGENT_CONFIG_FILE, RECORD_FILE = "agent.json", "provision.json"
+RECORD_FILE = "provision.json"
 CA_NOTE_FILE = "AmazonRootCA1.README.txt"
-# The agent's simulated sensors (mledge_edge.config.AgentConfig.sensor) by model.
-SIMULATED_SENSOR = {"vibration-anomaly": "vibration", "digits": "digits"}
 
 
 class ProvisionError(Exception):

@@ -15,12 +15,13 @@ import re
 import shlex
 from pathlib import Path
 
+from mledge_update.naming import AGENT_CONFIG_FILE, SIMULATED_SENSOR
+
 from chalicelib.config import UnknownModelError, load_pipeline_config
 from chalicelib.settings import Settings
 from mledge_devstack.certs import LocalCA
 from mledge_devstack.resources import provision_thing
 from mledge_devstack.stack import StackClients, StackError, StackInfo
-from mledge_ops.provision import AGENT_CONFIG_FILE, SIMULATED_SENSOR
 
 # What a tool needs to reach the stack: AWS endpoint and test credentials, stage names.
 EXPORTED = re.compile(r"^(AWS_|MLEDGE_|POWERTOOLS_)")

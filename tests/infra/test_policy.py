@@ -211,6 +211,13 @@ def code_index() -> dict[str, ModuleIndex]:
         for node in tree.body:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 module.functions[node.name] = node
+            elif isinstance(node, ast.Assign | ast.AnnAssign) and node.value is not None:
+                # A module-level value (a factory table such as backends._FACTORIES) is
+                # followed like a function: the code it names is reachable through it.
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    if isinstance(target, ast.Name):
+                        module.functions[target.id] = node
             elif isinstance(node, ast.ClassDef):
                 module.classes[node.name] = {
                     item.name: item for item in node.body
@@ -256,23 +263,30 @@ def reachable_code(handler: str) -> list[tuple[str, ast.AST]]:
             work.append((module, node))
             reached.append((module, node))
 
+    attr_names: set[str] = set()  # attributes read without a call: only properties run
+
+    def runs(name: str, node: ast.AST) -> bool:
+        return name.startswith("__") or name in method_names or (
+            name in attr_names and _is_property(node))
+
     def add_class(key: str) -> None:
         if key in classes:
             return
         classes.add(key)
         module, cls = key.split(":")
         for name, node in index[module].classes[cls].items():
-            if name.startswith("__") or name in method_names:
+            if runs(name, node):
                 add_def(f"{key}.{name}", module, node)
 
-    def add_method_name(name: str) -> None:
-        if name in method_names:
+    def add_method_name(name: str, called: bool = True) -> None:
+        names = method_names if called else attr_names
+        if name in names:
             return
-        method_names.add(name)
+        names.add(name)
         for key in list(classes):
             module, cls = key.split(":")
             node = index[module].classes[cls].get(name)
-            if node is not None:
+            if node is not None and runs(name, node):
                 add_def(f"{key}.{name}", module, node)
 
     def see(kind: str, key: str, attr: str | None = None) -> None:
@@ -290,6 +304,7 @@ def reachable_code(handler: str) -> list[tuple[str, ast.AST]]:
     see("function", f"app:{handler}")
     while work:
         module, node = work.pop()
+        called = {id(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)}
         for child in ast.walk(node):
             if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Load):
                 for found in _resolve(module, child.id):
@@ -300,8 +315,16 @@ def reachable_code(handler: str) -> list[tuple[str, ast.AST]]:
                 for kind, key in resolved:
                     see(kind, key, child.attr)
                 if not resolved:
-                    add_method_name(child.attr)
+                    # `x.backend` (a config field) is not `Runtime.backend(...)`: a method
+                    # runs when called; a property when read.
+                    add_method_name(child.attr, called=id(child) in called)
     return reached
+
+
+def _is_property(node: ast.AST) -> bool:
+    decorators = getattr(node, "decorator_list", [])
+    return any((d.id if isinstance(d, ast.Name) else d.attr if isinstance(d, ast.Attribute)
+                else "") in ("property", "cached_property") for d in decorators)
 
 
 def scan_node(module: str, node: ast.AST) -> list[CallSite]:

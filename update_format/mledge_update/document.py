@@ -22,7 +22,7 @@ from .codecs import FULL_ENCODINGS, SUPPORTED_CODECS
 from .errors import JobDocumentError, JobDocumentTooLargeError, UnsupportedFormatError
 from .hashing import is_sha256_hex
 from .naming import MODEL_NAME
-from .signing import SIGNATURE_FIELD_MAX_CHARS, Signature
+from .signature import SIGNATURE_FIELD_MAX_CHARS, Signature
 
 OPERATION = "mledge.model-update"
 FORMAT_VERSION = 1
