@@ -5,6 +5,10 @@ Policy (job document `uplink`, pipeline.toml): before a model is installed,
 "none" sends nothing. With a model: every anomaly (when `anomalies` is true), a
 random `sample_rate` fraction of the other readings (drift data), and a summary
 every `summary_interval_seconds`.
+
+Every sent reading says why and with what probability it was sent
+(`mledge_update.uplink`): the trainer weighs it by the inverse, so the filter does not
+skew what the next model learns.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import random
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from mledge_update.uplink import FLAGGED, NO_MODEL, SAMPLE
 
 DEFAULT_POLICY = {
     "before_model": "all",
@@ -40,6 +46,14 @@ class UplinkPolicy:
         return cls(before, bool(merged["anomalies"]), rate, interval)
 
 
+class UplinkDecision(NamedTuple):
+    """Whether a reading is sent, why, and the probability that a reading like it is sent."""
+
+    send: bool
+    reason: str
+    inclusion_p: float
+
+
 class UplinkDecider:
     """Decides per reading whether it is sent; deterministic for a seed."""
 
@@ -47,14 +61,15 @@ class UplinkDecider:
         self.policy = policy
         self._random = random.Random(seed)
 
-    def should_send(self, has_model: bool, anomaly: bool) -> tuple[bool, str]:
+    def should_send(self, has_model: bool, anomaly: bool) -> UplinkDecision:
         if not has_model:
-            return self.policy.before_model == "all", "no-model"
+            return UplinkDecision(self.policy.before_model == "all", NO_MODEL, 1.0)
         if anomaly and self.policy.anomalies:
-            return True, "anomaly"
-        if self._random.random() < self.policy.sample_rate:
-            return True, "sample"
-        return False, "suppressed"
+            return UplinkDecision(True, FLAGGED, 1.0)
+        rate = self.policy.sample_rate
+        if self._random.random() < rate:
+            return UplinkDecision(True, SAMPLE, rate)
+        return UplinkDecision(False, "suppressed", rate)
 
 
 class UplinkCounter:
