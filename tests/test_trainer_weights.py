@@ -1,0 +1,91 @@
+"""The uplink policy thins what devices send; training must still learn the stream itself.
+
+A stream with 5 % faults passes through the real uplink policy (every flagged reading,
+2 % of the rest) with a real champion flagging; the real trainer then trains on what
+was sent. Weighted by 1 / inclusion_p, it must give the threshold and clusters that
+training on the whole, unfiltered stream gives. The same records without their
+weights (every record counted once, as before) must not: there the faults are most of
+the data and become one more "normal" cluster.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+from trainer import synthetic
+
+from tests import uplink_stream as us
+
+STREAM = 40_000
+FAULT_RATE = 0.05
+SAMPLE_RATE = 0.02
+# Stated tolerances: thresholds within 15 % of the unfiltered training's; every cluster
+# centre within 0.5 per-feature spreads (VIBRATION_SCALE) of the other model's nearest one.
+THRESHOLD_TOLERANCE = 0.15
+CENTRE_TOLERANCE = 0.5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, object]:
+    with threadpool_limits(limits=1):
+        clean, _ = us.stream(6_000, fault_rate=0.0, seed=1)
+        champion_dir = tmp_path_factory.mktemp("champion")
+        us.train(champion_dir, us.records(clean))
+        champion = us.Model(champion_dir / "model" / "model.onnx")
+
+        features, faults = us.stream(STREAM, fault_rate=FAULT_RATE, seed=2)
+        flags = champion.flags(features)
+        sent, _ = us.through_uplink(features, flags, sample_rate=SAMPLE_RATE, seed=3,
+                                    start=100_000)
+        unweighted = [{k: v for k, v in r.items() if k not in ("reason", "inclusion_p")}
+                      for r in sent]
+        out: dict[str, object] = {"features": features, "faults": faults, "flags": flags,
+                                  "sent": sent}
+        for name, recs in (("unfiltered", us.records(features, start=100_000)),
+                           ("weighted", sent), ("unweighted", unweighted)):
+            base = tmp_path_factory.mktemp(name)
+            out[f"{name}_metrics"] = us.train(base, recs, version=2)
+            out[name] = us.Model(base / "model" / "model.onnx")
+        return out
+
+
+def _gaps(trained: dict, name: str) -> tuple[float, float]:
+    reference, candidate = trained["unfiltered"], trained[name]
+    features = trained["features"]
+    threshold_gap = abs(candidate.threshold - reference.threshold) / reference.threshold
+    centres = us.centre_gap(reference.centres(features), candidate.centres(features),
+                            np.array(synthetic.VIBRATION_SCALE))
+    return threshold_gap, centres
+
+
+def test_the_filter_over_represents_faults(trained) -> None:
+    sent = trained["sent"]
+    share = sum(r["reason"] == "flagged" for r in sent) / len(sent)
+    assert trained["faults"].mean() == pytest.approx(FAULT_RATE, abs=0.01)
+    assert share > 0.5  # what arrives is mostly faults, the stream is 5 % faults
+
+
+def test_weighted_training_matches_the_unfiltered_stream(trained) -> None:
+    threshold_gap, centre_gap = _gaps(trained, "weighted")
+    assert threshold_gap <= THRESHOLD_TOLERANCE, threshold_gap
+    assert centre_gap <= CENTRE_TOLERANCE, centre_gap
+    assert trained["weighted_metrics"]["model"]["k"] == trained["unfiltered_metrics"]["model"]["k"]
+    # the weights add up to about the stream the devices saw
+    weight = trained["weighted_metrics"]["data"]["weight"]
+    assert weight == pytest.approx(STREAM, rel=0.1)
+
+
+def test_counting_each_record_once_does_not(trained) -> None:
+    """The check above can fail: the old, unweighted training is outside the tolerance."""
+    threshold_gap, centre_gap = _gaps(trained, "unweighted")
+    assert threshold_gap > THRESHOLD_TOLERANCE or centre_gap > CENTRE_TOLERANCE
+
+
+def test_flags_and_weights_are_what_the_device_sent(trained) -> None:
+    sent = trained["sent"]
+    assert {r["reason"] for r in sent} == {"flagged", "sample"}
+    assert all(r["inclusion_p"] == 1.0 for r in sent if r["reason"] == "flagged")
+    assert all(r["inclusion_p"] == SAMPLE_RATE for r in sent if r["reason"] == "sample")
