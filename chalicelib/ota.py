@@ -1,8 +1,11 @@
 """AWS IoT Jobs for releases: one job per release, targeting the model's thing group.
 
-The job id is deterministic (`mledge-<model>-v<version>`, or
-`...-rollback-from-v<n>` for a rollback), so a repeated `ModelApproved` event finds
-the job it already created instead of creating a second one. Rollout (exponential
+The job id is deterministic per release attempt (`mledge-<model>-v<version>` for an
+approval, plus `-rollback-<attempt>` for a rollback or `-retry-<attempt>` for an
+operator's release retry), so a repeated `ModelApproved` event finds the job it
+already created instead of creating a second one, while every new action gets a job
+of its own: IoT Jobs never runs a cancelled job again, so reusing the id of one would
+reach no device. Rollout (exponential
 rate), abort (failure percentage after a minimum of executed things), timeout and
 retries come from the model's config (REFERENCES.md: IoT Jobs limits).
 """
@@ -30,11 +33,17 @@ class OtaError(Exception):
     """The IoT Job for a release could not be created."""
 
 
-def job_id_for(model: str, version: int, *, rollback_from: int | None = None) -> str:
-    job_id = f"mledge-{model}-v{version:05d}"
-    if rollback_from is not None:
-        job_id += f"-rollback-from-v{rollback_from:05d}"
-    return job_id[:64]
+MAX_JOB_ID = 64
+
+
+def job_id_for(model: str, version: int, *, rollback: bool = False,
+               attempt: str | None = None) -> str:
+    """The release's job id; the version and attempt survive truncation of long names."""
+    suffix = f"-v{version:05d}"
+    if rollback or attempt:
+        suffix += f"-{'rollback' if rollback else 'retry'}-{attempt or 'x'}"
+    prefix = f"mledge-{model}"[: MAX_JOB_ID - len(suffix)]
+    return prefix + suffix
 
 
 def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelConfig,
@@ -91,9 +100,15 @@ def thing_group_arn(iot: Any, group: str) -> str:
 def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                       model_config: ModelConfig, presign_role_arn: str, stage: str,
                       version: int) -> bool:
-    """Create the release's job unless it exists; True when created now."""
+    """Create the release's job unless it exists; True when created now.
+
+    An existing job that was cancelled is an error, not a success: no device would get it.
+    """
     try:
-        iot.describe_job(jobId=job_id)
+        status = iot.describe_job(jobId=job_id)["job"].get("status")
+        if status in ("CANCELED", "DELETION_IN_PROGRESS"):
+            raise OtaError(f"job {job_id} exists but is {status}: no device would get it "
+                           "(release it again with `mledge release`, a new attempt)")
         return False
     except ClientError as exc:
         if error_code(exc) != "ResourceNotFoundException":
@@ -127,5 +142,19 @@ def cancel_queued(iot: Any, job_id: str, comment: str) -> bool:
         code = error_code(exc)
         if code in ("ResourceNotFoundException", "InvalidStateTransitionException",
                     "InvalidRequestException"):
+            return False
+        raise
+
+
+def cancel_job(iot: Any, job_id: str, comment: str) -> bool:
+    """Cancel a job this packaging created but must not release, in-progress executions
+    included (nothing was released, so no device may start it). False if it was done."""
+    try:
+        iot.cancel_job(jobId=job_id, reasonCode="NOT_RELEASED", comment=comment[:2028],
+                       force=True)
+        return True
+    except ClientError as exc:
+        if error_code(exc) in ("ResourceNotFoundException", "InvalidStateTransitionException",
+                               "InvalidRequestException"):
             return False
         raise

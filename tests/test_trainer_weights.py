@@ -10,8 +10,6 @@ the data and become one more "normal" cluster.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
