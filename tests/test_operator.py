@@ -102,9 +102,13 @@ def test_rollback_announces_the_previous_release_with_rollback_true(
     request = op.rollback(VIB, reason="v2 drifts on line 3", actor="ana")
     assert (request.version, request.replaces) == (v1, v2)
     details = received_details(aws, approved_queue)
+    attempt = details[0].pop("attempt")
     assert details == [{
         "model": VIB, "version": v1, "artifact": registry.get(VIB, v1).artifact, "manual": True,
         "rollback": True, "replaces": v2, "reason": "v2 drifts on line 3"}]
+    # every rollback is its own action: a second one gets another attempt id (job id)
+    op.rollback(VIB, reason="again", actor="ana")
+    assert received_details(aws, approved_queue)[0]["attempt"] != attempt
     # packaging releases it; the registry side then marks v2 ROLLED_BACK
     registry.mark_released(VIB, v1, {"rollback": True, "job_id": "rb"})
     assert registry.get(VIB, v2).status is Status.ROLLED_BACK
