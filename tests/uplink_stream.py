@@ -102,3 +102,50 @@ def centre_gap(reference: np.ndarray, candidate: np.ndarray, scale: np.ndarray) 
 
 
 Trainer = Callable[..., dict[str, Any]]
+
+
+def write_verdicts(channel: Path, verdicts: dict[str, str], name: str = "v1") -> None:
+    """Verdict lines as `mledge label` writes them under labels/<model>/ in the channel."""
+    import gzip
+
+    folder = channel / "labels" / "vibration-anomaly"
+    folder.mkdir(parents=True, exist_ok=True)
+    body = "".join(json.dumps({"verdict_of": rid, "verdict": v, "by": "test"}) + "\n"
+                   for rid, v in verdicts.items())
+    with gzip.open(folder / f"{name}.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write(body)
+
+
+def retrain_after_faults(base: Path, *, labelled_share: float, fault_rules: str = "",
+                         stream_size: int = 30_000, fault_rate: float = 0.05
+                         ) -> dict[str, Any]:
+    """The issue's story: v1 trained on a clean stream is released; faults start; devices
+    send what v1 flags plus a 2 % sample; an operator labels `labelled_share` of the
+    flagged faults; v2 is trained on everything sent (with v1 as champion).
+
+    Returns v2's metrics, and v1's and v2's detection of fresh faults."""
+    clean, _ = stream(6_000, fault_rate=0.0, seed=1)
+    us_v1 = base / "v1"
+    train(us_v1, records(clean))
+    v1 = Model(us_v1 / "model" / "model.onnx")
+    features, faults = stream(stream_size, fault_rate=fault_rate, seed=2)
+    flags = v1.flags(features)
+    sent, mask = through_uplink(features, flags, sample_rate=0.02, seed=3, start=100_000)
+    ids = [f"thing-{(100_000 + i) % 50:03d}-{100_000 + i}" for i in range(len(features))]
+    flagged_faults = [ids[i] for i in range(len(features)) if mask[i] and flags[i] and faults[i]]
+    rng = np.random.default_rng(4)
+    chosen = rng.choice(len(flagged_faults), int(len(flagged_faults) * labelled_share),
+                        replace=False) if flagged_faults else []
+    us_v2 = base / "v2"
+    write_verdicts(us_v2 / "input" / "data" / "train", {flagged_faults[i]: "fault" for i in chosen})
+    extra = {"fault_rules": fault_rules} if fault_rules else {}
+    metrics = train(us_v2, records(clean) + sent, version=2,
+                    champion=us_v1 / "model" / "model.onnx", **extra)
+    v2 = Model(us_v2 / "model" / "model.onnx")
+    fresh, fresh_faults = stream(20_000, fault_rate=0.05, seed=9)
+    return {"metrics": metrics,
+            "v1_detection": float(v1.flags(fresh[fresh_faults]).mean()),
+            "v2_detection": float(v2.flags(fresh[fresh_faults]).mean()),
+            "v1_false_alarms": float(v1.flags(fresh[~fresh_faults]).mean()),
+            "v2_false_alarms": float(v2.flags(fresh[~fresh_faults]).mean()),
+            "sent": len(sent), "sent_faults": int((mask & faults).sum())}
