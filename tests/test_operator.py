@@ -392,13 +392,14 @@ def test_release_route_retries_only_an_approved_version(http, registry, state_st
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc())
     registry.transition(VIB, version, Status.APPROVED, expected=[Status.TRAINING],
                         artifact=artifact)
+    state_store.release_training_lock(VIB, version)  # its release failed (packaging frees it)
     headers = {"Content-Type": "application/json"}
     done = http.http.post(f"/models/{VIB}/versions/{version}/release", headers=headers,
                           body=json.dumps({"reason": "artifact fixed"}))
     assert done.status_code == 200, done.body
     detail = received_details(aws, approved_queue)[0]
     assert detail["attempt"] == done.json_body["attempt"] and detail["version"] == version
-    v1, v2, _ = _fleet(registry, state_store, aws, settings.bucket)
+    _, v2, _ = _fleet(registry, state_store, aws, settings.bucket)
     released = http.http.post(f"/models/{VIB}/versions/{v2}/release", headers=headers,
                               body="{}")
     assert released.status_code == 409 and "only an APPROVED version" in released.json_body[

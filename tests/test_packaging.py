@@ -51,6 +51,11 @@ def artifact(onnx: bytes, golden: dict[str, Any] | None = None,
 
 @pytest.fixture
 def env(aws, settings) -> Iterator[dict[str, Any]]:
+    yield from packaging_env(aws, settings)
+
+
+def packaging_env(aws: Any, settings: Any) -> Iterator[dict[str, Any]]:
+    """moto with the thing group, the app's runtime and a Chalice test client."""
     set_runtime(Runtime.from_settings(settings, clients=aws))
     aws.iot.create_thing_group(thingGroupName="mledge-vibration")
     from chalice.test import Client

@@ -11,6 +11,7 @@ against the model the fleet runs, and the gate compares with that same model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,8 +22,13 @@ from chalicelib.runtime import get_runtime
 from chalicelib.state import StateStore
 from chalicelib.trigger import TrainingInProgressError, Trigger
 from tests.registry_support import metrics_doc, sagemaker_event_detail
-from tests.test_packaging import MODEL, artifact, env, kmeans_onnx  # noqa: F401
+from tests.test_packaging import MODEL, artifact, kmeans_onnx, packaging_env
 from tests.trigger_helpers import RecordingBackend, put_raw
+
+
+@pytest.fixture
+def env(aws, settings) -> Iterator[dict[str, Any]]:
+    yield from packaging_env(aws, settings)
 
 
 def vib_readings(n: int, start: int) -> list[dict[str, Any]]:

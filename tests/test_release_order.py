@@ -7,7 +7,7 @@ the code (a wrapped function) while the other runs to the end, then resumed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,9 +17,14 @@ from chalicelib.model_events import new_attempt
 from chalicelib.operator import Operator
 from chalicelib.registry import Status
 from chalicelib.state import StateStore
-from tests.test_packaging import MODEL, approve, artifact, env, kmeans_onnx, publish  # noqa: F401
+from tests.test_packaging import MODEL, approve, artifact, kmeans_onnx, packaging_env, publish
 
 LIVE = ("IN_PROGRESS", "SCHEDULED", "QUEUED")  # moto starts jobs QUEUED
+
+
+@pytest.fixture
+def env(aws, settings) -> Iterator[dict[str, Any]]:
+    yield from packaging_env(aws, settings)
 
 
 def job_statuses(env: dict[str, Any]) -> dict[str, str]:
