@@ -117,13 +117,15 @@ def write_verdicts(channel: Path, verdicts: dict[str, str], name: str = "v1") ->
 
 
 def retrain_after_faults(base: Path, *, labelled_share: float, fault_rules: str = "",
-                         stream_size: int = 30_000, fault_rate: float = 0.05
-                         ) -> dict[str, Any]:
+                         stream_size: int = 30_000, fault_rate: float = 0.05,
+                         weighted: bool = True) -> dict[str, Any]:
     """The issue's story: v1 trained on a clean stream is released; faults start; devices
     send what v1 flags plus a 2 % sample; an operator labels `labelled_share` of the
     flagged faults; v2 is trained on everything sent (with v1 as champion).
 
-    Returns v2's metrics, and v1's and v2's detection of fresh faults."""
+    `weighted=False` replays the loop before records said why they were sent (every
+    record counted once). Returns v2's metrics, and v1's and v2's detection of fresh
+    faults."""
     clean, _ = stream(6_000, fault_rate=0.0, seed=1)
     us_v1 = base / "v1"
     train(us_v1, records(clean))
@@ -131,6 +133,9 @@ def retrain_after_faults(base: Path, *, labelled_share: float, fault_rules: str 
     features, faults = stream(stream_size, fault_rate=fault_rate, seed=2)
     flags = v1.flags(features)
     sent, mask = through_uplink(features, flags, sample_rate=0.02, seed=3, start=100_000)
+    if not weighted:
+        sent = [{k: v for k, v in r.items() if k not in ("reason", "inclusion_p")}
+                for r in sent]
     ids = [f"thing-{(100_000 + i) % 50:03d}-{100_000 + i}" for i in range(len(features))]
     flagged_faults = [ids[i] for i in range(len(features)) if mask[i] and flags[i] and faults[i]]
     rng = np.random.default_rng(4)
@@ -149,3 +154,34 @@ def retrain_after_faults(base: Path, *, labelled_share: float, fault_rules: str 
             "v1_false_alarms": float(v1.flags(fresh[~fresh_faults]).mean()),
             "v2_false_alarms": float(v2.flags(fresh[~fresh_faults]).mean()),
             "sent": len(sent), "sent_faults": int((mask & faults).sum())}
+
+
+def retrain_after_shift(base: Path, *, stream_size: int = 30_000, weighted: bool = True
+                        ) -> dict[str, Any]:
+    """A regime shift instead of faults: the line starts running in a fourth operating
+    mode (half the readings), which v1 flags because it never saw it; v2 must learn it.
+    Returns v2's metrics and the false-alarm rate of v1 and v2 on the new regime."""
+    clean, _ = stream(6_000, fault_rate=0.0, seed=1)
+    train(base / "v1", records(clean))
+    v1 = Model(base / "v1" / "model" / "model.onnx")
+    shifted = _shifted(stream_size, seed=5)
+    flags = v1.flags(shifted)
+    sent, _ = through_uplink(shifted, flags, sample_rate=0.02, seed=3, start=200_000)
+    if not weighted:
+        sent = [{k: v for k, v in r.items() if k not in ("reason", "inclusion_p")}
+                for r in sent]
+    metrics = train(base / "v2", records(clean) + sent, version=2,
+                    champion=base / "v1" / "model" / "model.onnx")
+    v2 = Model(base / "v2" / "model" / "model.onnx")
+    fresh = _shifted(20_000, seed=6)
+    return {"metrics": metrics, "v1_false_alarms": float(v1.flags(fresh).mean()),
+            "v2_false_alarms": float(v2.flags(fresh).mean()), "sent": len(sent)}
+
+
+def _shifted(n: int, *, seed: int) -> np.ndarray:
+    rows, _ = stream(n, fault_rate=0.0, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    new_mode = rng.random(n) < 0.5
+    scale = np.array(synthetic.VIBRATION_SCALE)
+    rows[new_mode] += np.array([6.0, 6.0, 0.0, 0.0, 3.0, 3.0, 3.0, 2.0]) * scale
+    return rows
