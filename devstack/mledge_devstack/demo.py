@@ -204,8 +204,15 @@ class Snapshot:
         return None
 
     def in_flight(self) -> bool:
-        """A training runs, or an approved version waits for its release."""
-        return any(r.status in (Status.TRAINING, Status.APPROVED) for r in self.versions.values())
+        """A training runs, or an approved version waits for its release (one whose
+        release was skipped or failed waits for nothing)."""
+        return any(r.status is Status.TRAINING or (r.status is Status.APPROVED
+                                                   and not _release_ended(r))
+                   for r in self.versions.values())
+
+    def fault_ids(self) -> list[str]:
+        """Ids of the fault readings the fleet sent (the simulator's ground truth)."""
+        return [i for stats in self.devices.values() for i in stats.get("demo_fault_ids", [])]
 
     def released(self) -> list[VersionRecord]:
         return [r for r in self.versions.values() if r.status in RELEASED]
@@ -219,6 +226,11 @@ class Snapshot:
                 messages += int(phase.get("messages", 0))
                 sent += int(phase.get("bytes", 0))
         return readings, messages, sent
+
+
+def _release_ended(record: VersionRecord) -> bool:
+    last = str((record.history or [{}])[-1].get("reason") or "")
+    return last.startswith(("release skipped", "release failed"))
 
 
 def iso_to_epoch(value: str | None) -> float | None:
@@ -264,6 +276,7 @@ class Demo:
         self.timeline: list[dict[str, Any]] = []
         self.releases: list[dict[str, Any]] = []
         self.marks: dict[str, float] = {}
+        self.labels: dict[str, Any] = {}
         self._seen_status: dict[int | str, str] = {}
         self._last: Snapshot | None = None
         self._last_sample = -1.0
@@ -546,6 +559,8 @@ class Demo:
                 low = count if low is None else min(low, count)
             return low or 0
 
+        labelled: dict[str, Any] = {}
+
         def finished(snap: Snapshot) -> bool:
             # Data sent while the new release rolled out may start one more retrain; the
             # story ends once it is decided (and, if it won, installed everywhere).
@@ -554,7 +569,13 @@ class Demo:
                     snap.count_serving(current) == n:
                 recorded.add(current)
                 self.record_release(current)
-            return (not snap.in_flight() and current in recorded
+            if not labelled and fault_readings(snap) >= target // 2:
+                labelled.update(self._label(snap))
+            if labelled and "version" not in labelled and not snap.in_flight():
+                labelled.update(self._retrain())
+            retrained = labelled.get("version")
+            return (retrained is not None and retrained in snap.versions
+                    and not snap.in_flight() and current in recorded
                     and fault_readings(snap) >= target)
 
         self.wait_for("every device reads with faults injected; no training in flight",
@@ -563,6 +584,43 @@ class Demo:
                                           f"{fault_readings(s)}/{target} readings per device"
                                           + ("; a retrain is in flight" if s.in_flight() else "")))
         self.stage("done", "stopping")
+
+    def _operator(self) -> Any:
+        from chalicelib.operator import Operator
+
+        assert self.stack is not None
+        return Operator(clients=self.stack.clients, settings=self.stack.settings,
+                        config=self.config)
+
+    def _label(self, snap: Snapshot) -> dict[str, Any]:
+        """Play the operator: confirm half of the fault readings the fleet sent as faults
+        (`mledge label`). The next training sees the faults at their true rate (records
+        are weighted by 1 / inclusion_p), keeps the confirmed ones out of its training
+        data, and the gate refuses it if it flags fewer of them than the fleet's model."""
+        sent = sorted(snap.fault_ids())
+        chosen = sent[::2]
+        if chosen:
+            self._operator().label(self.model_name, chosen, "fault",
+                                   reason="demo operator: confirmed on site",
+                                   actor="demo-operator")
+        self.event(f"  operator: {len(chosen)} of {len(sent)} fault readings sent labelled "
+                   "'fault' (mledge label)")
+        self.labels = {"fault_readings_sent": len(sent), "labelled": len(chosen)}
+        return dict(self.labels)
+
+    def _retrain(self) -> dict[str, Any]:
+        """`mledge train` once nothing is in flight, so the training includes the labels."""
+        from chalicelib.trigger import TriggerError
+
+        try:
+            started = self._operator().train(self.model_name, reason="operator: faults labelled",
+                                             force=True)
+        except TriggerError as exc:  # e.g. a training that the trigger just started
+            self.event(f"  operator: retrain not started yet ({exc})")
+            return {}
+        self.event(f"  operator: retrain v{started.version} requested (mledge train)")
+        self.labels["retrain_version"] = started.version
+        return {"version": started.version}
 
     @staticmethod
     def _current_release(snap: Snapshot) -> int | None:
