@@ -834,6 +834,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                         help="stack files, device state, logs")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole story")
+    parser.add_argument("--stage-timeout", type=float, default=300.0,
+                        help="seconds for one step of the story (raise it on a loaded machine)")
     parser.add_argument("--plain", action="store_true", help="no live redraw, no colours")
     return parser
 
@@ -845,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mledge_devstack.procs").setLevel(logging.ERROR)
     options = DemoOptions(scenario=args.scenario, devices=args.devices,
                           fleet_rate=args.fleet_rate, output=args.output.resolve(),
-                          workdir=args.workdir.resolve(), timeout=args.timeout,
+                          workdir=args.workdir.resolve(), timeout=args.timeout, stage_timeout=args.stage_timeout,
                           live=False if args.plain else None)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     signal.signal(signal.SIGHUP, _raise_interrupted)  # the terminal closed: clean up too
