@@ -10,10 +10,13 @@ the data and become one more "normal" cluster.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 from trainer import synthetic
+from trainer.entrypoint import main
 
 from tests import uplink_stream as us
 
@@ -87,3 +90,16 @@ def test_flags_and_weights_are_what_the_device_sent(trained) -> None:
     assert {r["reason"] for r in sent} == {"flagged", "sample"}
     assert all(r["inclusion_p"] == 1.0 for r in sent if r["reason"] == "flagged")
     assert all(r["inclusion_p"] == SAMPLE_RATE for r in sent if r["reason"] == "sample")
+
+
+def test_the_classifier_trains_on_weighted_records_too(tmp_path) -> None:
+    recs = list(synthetic.digits_records(600))
+    for rec in recs[1::2]:
+        rec.update(reason="sample", inclusion_p=0.25)  # each stands for 4 readings
+    synthetic.write_channel(tmp_path / "input" / "data" / "train", recs, per_file=300)
+    synthetic.write_hyperparameters(tmp_path, synthetic.classifier_hyperparameters(
+        estimator="logistic", max_iter="300"))
+    assert main(["--base-dir", str(tmp_path)]) == 0
+    metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert metrics["data"]["weight"] == len(recs[::2]) + 4.0 * len(recs[1::2])
+    assert metrics["challenger"]["accuracy"] > 0.9

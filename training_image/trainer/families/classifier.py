@@ -84,7 +84,11 @@ class ClassifierFamily(ModelFamily):
         pipeline = Pipeline([("scale", StandardScaler()), ("classifier", estimator)])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            pipeline.fit(train.features, train.labels)
+            # Records weighted by 1 / inclusion_p (trainer.data): the stream, not the uplink
+            # filter. All-ones weights take the unweighted path (same result as before).
+            weights = train.weights if train.weighted else None
+            pipeline.fit(train.features, train.labels, scale__sample_weight=weights,
+                         classifier__sample_weight=weights)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         n_iter = np.ravel(estimator.n_iter_)
         classes = [int(c) for c in estimator.classes_]
@@ -130,7 +134,9 @@ class ClassifierFamily(ModelFamily):
                  holdout: Split, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         assert holdout.labels is not None
         truth, predicted = holdout.labels, np.asarray(labels, dtype=np.int64)
+        weights = holdout.weights if holdout.weighted else None
         return {
-            "accuracy": float(np.mean(truth == predicted)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+            "accuracy": float(np.average(truth == predicted, weights=weights)),
+            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0,
+                                       sample_weight=weights)),
         }
