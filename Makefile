@@ -1,30 +1,54 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
+# Every install comes from the lock (requirements-dev.txt and friends, written by
+# `make lock`; see docs/dependencies.md).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
 SCENARIO ?= anomaly
 DEVICES ?= 10
+WORKSPACE := -e . -e ./update_format -e ./edge -e ./training_image -e ./devstack
+PYPROJECTS := pyproject.toml update_format/pyproject.toml edge/pyproject.toml \
+	training_image/pyproject.toml devstack/pyproject.toml
+# Typed packages `make lint` checks with mypy (each part's own folder).
+TYPED := -p chalicelib -p mledge_ops -p mledge_update -p mledge_edge -p trainer -p trainer_batch \
+	-p mledge_devstack -p app
 
-.PHONY: test demo lint env system-deps clean bench
+.PHONY: test test-fast demo lint env lock system-deps clean bench stack
 
-$(STAMP): requirements.txt requirements-dev.txt training_image/requirements.txt edge/requirements.txt pyproject.toml
+# uv comes from a hashed pin (requirements/bootstrap.txt); `uv pip sync` then makes the
+# venv hold exactly the locked distributions (it removes anything else), and the five
+# workspace packages are installed editable without their dependencies.
+$(STAMP): requirements-dev.txt requirements/bootstrap.txt $(PYPROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e . -e update_format -e edge -e training_image -e devstack
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes \
+		-r requirements/bootstrap.txt
+	$(UV) pip sync -q --python $(PY) --require-hashes requirements-dev.txt
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation $(WORKSPACE)
 	touch $(STAMP)
 
 env: $(STAMP)
+
+# Re-resolve after changing a pyproject's dependencies: `make lock`;
+# move everything to the newest allowed versions: `make lock ARGS=--upgrade`.
+lock: env
+	$(PY) scripts/lock.py $(ARGS)
 
 system-deps:
 	bash scripts/ensure-system-deps.sh
 
 lint: env
 	$(PY) -m ruff check .
+	$(PY) -m mypy $(TYPED)
 
 test: env system-deps lint
 	$(PY) -m pytest -q
+
+# Everything but the tests that start the local stack (moto server over HTTP, the whole
+# stack, the end-to-end demo), on two workers.
+test-fast: env system-deps
+	$(PY) -m pytest -q -m "not stack" -n 2
 
 demo: env system-deps
 	$(PY) -m mledge_devstack.demo --scenario $(SCENARIO) --devices $(DEVICES)
@@ -35,8 +59,7 @@ bench: env
 	$(PY) bench/train.py
 
 clean:
-	rm -rf $(VENV) demo-output .devstack .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-output .devstack .pytest_cache .ruff_cache .mypy_cache
 
-.PHONY: stack
 stack: env system-deps  # the local stack in the foreground (Ctrl-C stops it); see docs/local-stack.md
 	$(PY) -m mledge_devstack up

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from chalice import Chalice, IAMAuthorizer, Rate
-from chalice.app import CloudWatchEvent, SQSEvent
+from chalice.app import CloudWatchEvent, Request, SQSEvent
 
 from chalicelib import completion, ingest, operator_api, packaging, trigger
 from chalicelib.operator import Operator
@@ -77,6 +77,14 @@ def _operator() -> Operator:
     return Operator(clients=rt.clients, settings=rt.settings, config=rt.config)
 
 
+def _request() -> Request:
+    # Chalice sets current_request for every route invocation; None only outside one.
+    request = app.current_request
+    if request is None:
+        raise RuntimeError("no current request: called outside a route")
+    return request
+
+
 @app.route("/models", methods=["GET"], authorizer=_iam)
 def http_list_models() -> dict:
     return operator_api.list_models(_operator())
@@ -99,12 +107,12 @@ def http_fleet(model: str) -> dict:
 
 @app.route("/models/{model}/trainings", methods=["POST"], authorizer=_iam)
 def http_start_training(model: str) -> dict:
-    return operator_api.start_training(_operator(), model, app.current_request.json_body)
+    return operator_api.start_training(_operator(), model, _request().json_body)
 
 
 @app.route("/models/{model}/versions/{version}/promote", methods=["POST"], authorizer=_iam)
 def http_promote(model: str, version: str) -> dict:
-    request = app.current_request
+    request = _request()
     return operator_api.promote(_operator(), model, version, request.json_body,
                                 operator_api.actor_of(request.context))
 
@@ -125,7 +133,7 @@ def http_label(model: str) -> dict:
 
 @app.route("/models/{model}/rollback", methods=["POST"], authorizer=_iam)
 def http_rollback(model: str) -> dict:
-    request = app.current_request
+    request = _request()
     return operator_api.rollback(_operator(), model, request.json_body,
                                  operator_api.actor_of(request.context))
 

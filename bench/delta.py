@@ -182,7 +182,8 @@ def sequences(args: argparse.Namespace) -> dict[str, Callable[[], Iterator[Step]
         "digits-logistic-warm": lambda: classifier_sequence(args.steps, True, "logistic"),
         "digits-mlp-scratch": lambda: classifier_sequence(args.steps, False, "mlp"),
         "digits-mlp-warm": lambda: classifier_sequence(args.steps, True, "mlp"),
-        "large-mlp-scratch": lambda: classifier_sequence(args.large_steps, False, "mlp", large, max_iter=args.large_iter),
+        "large-mlp-scratch": lambda: classifier_sequence(args.large_steps, False, "mlp", large,
+                                                         max_iter=args.large_iter),
         "large-mlp-warm": lambda: classifier_sequence(args.large_steps, True, "mlp", large, max_iter=args.large_iter),
     }
 

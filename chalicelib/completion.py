@@ -21,6 +21,7 @@ approval; a send that failed is retried by the next delivery).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -234,7 +235,7 @@ def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
                     metrics_bytes = handle.read()
                 else:
                     digest = hashlib.sha256()
-                    for chunk in iter(lambda h=handle: h.read(1 << 20), b""):
+                    for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
                         digest.update(chunk)
                     onnx_sha256 = digest.hexdigest()
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

@@ -298,14 +298,15 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     except ota.OtaError as exc:
         raise PackagingError(str(exc)) from None
 
+    released_deltas = [{"from_version": d.from_version, "codec": d.codec, "size": d.size}
+                       for d in deltas if (d.from_version, d.codec) in kept]
     release_info = {
         "job_id": job_id,
         "manifest_key": manifest_key,
         "model_sha256": model_sha,
         "model_size": len(files.onnx),
         "full_size": full.size,
-        "deltas": [{"from_version": d.from_version, "codec": d.codec, "size": d.size}
-                   for d in deltas if (d.from_version, d.codec) in kept],
+        "deltas": released_deltas,
         "rollback": event.rollback,
         "manual": event.manual,
         "packaging_seconds": round(time.monotonic() - started, 3),
@@ -319,7 +320,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     logger.info("released", extra=release_info)
     return ReleaseResult(model, version, "released", job_id=job_id, manifest_key=manifest_key,
                          model_size=len(files.onnx), full_size=full.size,
-                         deltas=release_info["deltas"])
+                         deltas=released_deltas)
 
 
 def _mark_released(event: ModelApproved, registry: Registry, clients: AwsClients, job_id: str,

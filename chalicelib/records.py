@@ -19,7 +19,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mledge_update.uplink import (
     INCLUSION_FIELD,
@@ -190,7 +190,7 @@ def normalise_reading(obj: dict[str, Any], model: str, schema: FeatureSchema, th
     if type(version) is int and version >= 0:
         out["model_version"] = version
     score = obj.get("score")
-    if type(score) in _NUMBER_TYPES and math.isfinite(score):
+    if type(score) in _NUMBER_TYPES and math.isfinite(cast(float, score)):
         out["score"] = score
     anomaly = obj.get("anomaly")
     if type(anomaly) is bool:

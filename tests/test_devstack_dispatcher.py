@@ -17,6 +17,9 @@ from mledge_devstack.routes import EVENTBRIDGE, SQS, provision_routes, routes_fr
 REGION = "us-east-1"
 
 
+pytestmark = pytest.mark.stack  # a moto server over HTTP
+
+
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer

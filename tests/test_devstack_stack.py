@@ -21,7 +21,7 @@ from mledge_devstack.mqtt import MqttClient
 from mledge_devstack.procs import process_group_alive
 from mledge_devstack.stack import LocalStack, StackInfo
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "vibration-anomaly"
 WAIT = 15.0  # bound for every wait on the stack (never an assertion on speed)

@@ -22,7 +22,7 @@ from tests.conftest import subprocess_env
 
 DEVICES = 3
 RUN_LIMIT_S = 540  # a bound on a stuck run, not a speed assertion
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(RUN_LIMIT_S + 60)]
+pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(RUN_LIMIT_S + 60)]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,21 @@ def test_the_package_left_no_stray_files_in_the_repository() -> None:
                             capture_output=True, text=True, check=True, timeout=30,
                             env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
     assert not [line for line in status.stdout.splitlines() if "deployments" in line]
+
+
+def test_bundle_holds_exactly_the_locked_lambda_requirements(packaged) -> None:
+    """The zip chalice builds carries requirements.txt's pinned versions, nothing floats."""
+    import zipfile
+
+    from tests.test_lock import entries
+
+    _, out, _ = packaged
+    with zipfile.ZipFile(out / "deployment.zip") as bundle:
+        metadata = [n for n in bundle.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
+        bundled = {}
+        for name in metadata:
+            fields = dict(line.split(": ", 1) for line in bundle.read(name).decode().splitlines()
+                          if ": " in line and not line.startswith(" "))
+            bundled[re.sub(r"[-_.]+", "-", fields["Name"]).lower()] = fields["Version"]
+    locked = {name: version for name, (version, _) in entries(REPO / "requirements.txt").items()}
+    assert bundled == locked

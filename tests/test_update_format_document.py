@@ -49,9 +49,12 @@ def _job(**changes) -> UpdateJob:
         full=FullModel(encoding="zstd", size=900, sha256=sha256_hex(b"full"),
                        url=_url(prefix + "model.onnx.zst"), key=prefix + "model.onnx.zst"),
         deltas=(
-            Delta(1, OLDER, "bsdiff4", 500, sha256_hex(b"d1"), _url(prefix + "from-v1.bsdiff4"), prefix + "from-v1.bsdiff4"),
-            Delta(2, INSTALLED, "bsdiff4", 300, sha256_hex(b"d2"), _url(prefix + "from-v2.bsdiff4"), prefix + "from-v2.bsdiff4"),
-            Delta(2, INSTALLED, "codec-from-the-future", 10, sha256_hex(b"d3"), _url(prefix + "from-v2.future"), prefix + "from-v2.future"),
+            Delta(1, OLDER, "bsdiff4", 500, sha256_hex(b"d1"), _url(prefix + "from-v1.bsdiff4"),
+                  prefix + "from-v1.bsdiff4"),
+            Delta(2, INSTALLED, "bsdiff4", 300, sha256_hex(b"d2"), _url(prefix + "from-v2.bsdiff4"),
+                  prefix + "from-v2.bsdiff4"),
+            Delta(2, INSTALLED, "codec-from-the-future", 10, sha256_hex(b"d3"), _url(prefix + "from-v2.future"),
+                  prefix + "from-v2.future"),
         ),
         smoke=Smoke("input", [[0.1] * 8, [0.2] * 8], {"label": [0, 1], "scores": [[0.5, 1.5], [1.0, 0.2]]}, 1e-4),
         schema={"features": [f"f{i}" for i in range(8)], "label": "none"},
@@ -273,6 +276,7 @@ def test_manifest_uses_keys_and_job_from_manifest_makes_urls() -> None:
 
 
 def test_smoke_from_trainer_golden() -> None:
-    golden = {"input_name": "input", "inputs": [[1, 2.5]], "outputs": {"label": [1], "scores": [[0.1, 0.9]]}, "tolerance": 1e-4}
+    golden = {"input_name": "input", "inputs": [[1, 2.5]],
+              "outputs": {"label": [1], "scores": [[0.1, 0.9]]}, "tolerance": 1e-4}
     smoke = smoke_from_golden(golden)
     assert smoke == Smoke("input", [[1.0, 2.5]], {"label": [1], "scores": [[0.1, 0.9]]}, 1e-4)

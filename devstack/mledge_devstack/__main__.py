@@ -40,7 +40,7 @@ def _up(args: argparse.Namespace) -> int:
         print("Ctrl-C stops it.", flush=True)
         while not stop.wait(1.0):
             dead = [name for name, proc in (("dispatcher", stack.dispatcher), ("cloud", stack.cloud),
-                                            ("mosquitto", stack.broker and stack.broker.process))
+                                            ("mosquitto", stack.broker.process if stack.broker else None))
                     if proc is not None and not proc.alive()]
             if dead:
                 print(f"stopping: {', '.join(dead)} exited (see the logs)", file=sys.stderr)

@@ -67,6 +67,7 @@ class JobsPump:
 
     def _run(self) -> None:
         next_sync = 0.0
+        item: tuple[str, bytes] | tuple[()] | None
         while True:
             try:
                 item = self.requests.get(timeout=max(0.0, next_sync - time.monotonic()))

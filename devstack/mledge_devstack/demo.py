@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -652,20 +653,16 @@ class Demo:
             self.stage(f"stream {label}", f"devices send the first {label} of the digits "
                        f"({limit} images) with their labels")
             need = limit - consumed
-            self.wait_for(f"{limit} images stored in S3",
-                          lambda s, need=need: s.new_records >= need or None,
-                          progress=lambda s, need=need: (s.new_records / need,
-                                                         f"{s.new_records}/{need} new records"))
+            self.wait_for(f"{limit} images stored in S3", functools.partial(_stored, need),
+                          progress=functools.partial(_stored_progress, need))
             self.stage(f"train {label}", f"the operator starts a training on {label} "
                        "(`mledge train digits`)")
             start = operator.train(self.model_name, reason=f"demo: operator trains on {label}")
             consumed = limit
             version = start.version
             decisions.append(self.wait_for(
-                f"v{version}'s gate decision",
-                lambda s, v=version: s.versions[v] if v in s.versions
-                and s.versions[v].status in DECIDED else None,
-                progress=lambda s, v=version: (None, f"training v{v} (the real trainer)")))
+                f"v{version}'s gate decision", functools.partial(_decided, version),
+                progress=functools.partial(_training_progress, version)))
         released = decisions[-1]
         if released.status == Status.REJECTED:
             raise DemoError(f"the 70 % model v{released.version} was rejected: "
@@ -865,3 +862,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Conditions the digits story waits for (bound with functools.partial inside its loop).
+def _stored(need: int, snapshot: Snapshot) -> bool | None:
+    return snapshot.new_records >= need or None
+
+
+def _stored_progress(need: int, snapshot: Snapshot) -> tuple[float | None, str]:
+    return snapshot.new_records / need, f"{snapshot.new_records}/{need} new records"
+
+
+def _decided(version: int, snapshot: Snapshot) -> VersionRecord | None:
+    record = snapshot.versions.get(version)
+    return record if record is not None and record.status in DECIDED else None
+
+
+def _training_progress(version: int, snapshot: Snapshot) -> tuple[float | None, str]:
+    return None, f"training v{version} (the real trainer)"

@@ -150,7 +150,7 @@ class DemoAgent(Agent):
         # readings this device sent, in the agent's own id format.
         self._fault_ids: list[str] = []
 
-    def process(self, reading: Reading | None) -> Prediction | None:  # type: ignore[override]
+    def process(self, reading: Reading | None) -> Prediction | None:
         if reading is None:  # the simulated machine has nothing new to report
             return None
         seq_before = self._seq  # the agent numbers each telemetry message it sends

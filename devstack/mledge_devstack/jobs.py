@@ -256,8 +256,9 @@ class JobsEngine:
             deadlines.append(meta.step_deadline)
         job = self.backend.jobs.get(job_id)
         minutes = (job.timeout_config or {}).get("inProgressTimeoutInMinutes") if job else None
-        if minutes and ex.started_at is not None:
-            deadlines.append(_epoch(ex.started_at) + float(minutes) * 60)
+        started = _epoch(ex.started_at)
+        if minutes and started is not None:
+            deadlines.append(started + float(minutes) * 60)
         return bool(deadlines) and now >= min(deadlines)
 
     def _refresh_job(self, job: Any, now: float) -> None:
@@ -523,7 +524,8 @@ class JobsEngine:
         return {"execution": self._execution(job_id, thing, document=True)}
 
     def _get_pending(self, thing: str) -> dict[str, Any]:
-        in_progress, queued = [], []
+        in_progress: list[dict[str, Any]] = []
+        queued: list[dict[str, Any]] = []
         for job_id in self._pending(thing):
             ex = self.backend.job_executions[(job_id, thing)]
             (in_progress if ex.status == IN_PROGRESS else queued).append(

@@ -284,7 +284,8 @@ class Updater:
                 if fresh is not None:
                     with contextlib.suppress(JobDocumentError):
                         renewed = parse_job_document(fresh)
-                        for candidate in (renewed.full, *renewed.deltas):
+                        candidates: tuple[FullModel | Delta, ...] = (renewed.full, *renewed.deltas)
+                        for candidate in candidates:
                             if candidate.sha256 == artifact.sha256 and candidate.url:
                                 current["url"] = candidate.url
                                 log.info("got a fresh URL for %s", _artifact_name(artifact))

@@ -230,10 +230,8 @@ class _Accumulator:
 
     def dataset(self, files: int) -> Dataset:
         self.flush()
-        if self.blocks:
-            features = np.concatenate(self.blocks)
-        else:
-            features = np.empty((0, self.n_features), dtype=np.float32)
+        features = (np.concatenate(self.blocks) if self.blocks
+                    else np.empty((0, self.n_features), dtype=np.float32))
         labels = None
         if self.with_labels:
             labels = (np.concatenate(self.label_blocks) if self.label_blocks
@@ -265,7 +263,7 @@ def _to_matrix(rows: list[list[Any]], n_features: int) -> tuple[np.ndarray, np.n
         # Fast path: every value is a number. json.loads turns NaN/Infinity into floats.
         with np.errstate(over="ignore", invalid="ignore"):
             matrix = array.astype(np.float32)
-        return matrix, np.isfinite(matrix).all(axis=1)
+        return matrix, np.asarray(np.isfinite(matrix).all(axis=1))
     # Slow path: some value is a string, bool, null, list...: check row by row.
     matrix = np.zeros((len(rows), n_features), dtype=np.float32)
     keep = np.zeros(len(rows), dtype=bool)

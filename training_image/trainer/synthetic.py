@@ -74,7 +74,8 @@ def record(i: int, features: list[float], *, label: int | None = None, model: st
 def write_channel(channel: Path, records: Iterable[dict[str, Any]], *, per_file: int = 1000,
                   model: str = "m", first_batch: int = 0) -> int:
     """Write gzip JSON-lines batches of `per_file` records under hour partitions; returns files."""
-    files, batch, buffer = 0, first_batch, []
+    files, batch = 0, first_batch
+    buffer: list[dict[str, Any]] = []
 
     def flush() -> None:
         nonlocal files, batch, buffer

@@ -99,10 +99,11 @@ class UpdateJob:
         deltas: list[Artifact] = []
         if installed_sha256:
             wanted = installed_sha256.lower()
-            deltas = sorted(
+            matching = sorted(
                 (d for d in self.deltas if d.from_sha256 == wanted and d.codec in codecs),
                 key=lambda d: (d.size, -d.from_version, d.codec),
             )
+            deltas.extend(matching)
         if self.full.encoding in set(supported_encodings):
             deltas.append(self.full)
         return deltas

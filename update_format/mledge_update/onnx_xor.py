@@ -136,7 +136,8 @@ class _Walker:
                 continue
             if run_start >= 0:
                 self.add(f"{key}:u{number}", run_start, run_end - run_start, run_width)
-            run_start, run_end, run_width = (tag_start, end, stride) if field_number == number and wire in (1, 5) else (-1, -1, 0)
+            continues = field_number == number and wire in (1, 5)
+            run_start, run_end, run_width = (tag_start, end, stride) if continues else (-1, -1, 0)
 
     def tensor(self, key: str, start: int, end: int) -> None:
         fields = list(_fields(self.buf, start, end))
