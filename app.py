@@ -119,14 +119,14 @@ def http_promote(model: str, version: str) -> dict:
 
 @app.route("/models/{model}/versions/{version}/release", methods=["POST"], authorizer=_iam)
 def http_release(model: str, version: str) -> dict:
-    request = app.current_request
+    request = _request()
     return operator_api.release(_operator(), model, version, request.json_body,
                                 operator_api.actor_of(request.context))
 
 
 @app.route("/models/{model}/labels", methods=["POST"], authorizer=_iam)
 def http_label(model: str) -> dict:
-    request = app.current_request
+    request = _request()
     return operator_api.label(_operator(), model, request.json_body,
                               operator_api.actor_of(request.context))
 
