@@ -43,7 +43,9 @@ def test_a_stale_champion_rejection_fails_the_demo() -> None:
     stale = [_training(5, ["champion scored was v2, but the fleet now runs v4: FAIL"]),
              _training(6, ["a model is in production but metrics.json has no champion "
                            "score: the challenger was never compared to it: FAIL"]),
-             _training(7, ["silhouette 0.4 < champion 0.5 + min_improvement 0.05: FAIL"])]
+             _training(7, ["silhouette 0.4 < champion 0.5 + min_improvement 0.05: FAIL"]),
+             _training(1, ["no champion scored (first model of this model): threshold only: "
+                           "pass"])]
     check = _check(_checks("anomaly", stale, [], {}, []),
                    "no training rejected for a stale or missing champion")
     assert not check["passed"] and check["detail"] == "v5, v6"
