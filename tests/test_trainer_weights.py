@@ -103,3 +103,42 @@ def test_the_classifier_trains_on_weighted_records_too(tmp_path) -> None:
     metrics = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert metrics["data"]["weight"] == len(recs[::2]) + 4.0 * len(recs[1::2])
     assert metrics["challenger"]["accuracy"] > 0.9
+
+
+def test_the_demos_regime_shift_is_still_learned_and_released(tmp_path) -> None:
+    """The demo's shift, replayed offline with its simulator: a new operating mode that
+    the fleet's model flags every reading of. Weighted, the retrain learns it (it stops
+    flagging it) and beats the champion by more than the demo's min_improvement."""
+    from mledge_devstack.demo import DEMO_PIPELINE_CONFIG
+    from mledge_devstack.demo_device import MODE_DWELL, SHIFTED_MODES
+    from mledge_edge.sensors import MODES, VibrationSensor
+
+    from chalicelib.config import load_pipeline_config
+    from chalicelib.gate import evaluate
+
+    vib = load_pipeline_config(DEMO_PIPELINE_CONFIG).model("vibration-anomaly")
+    hp = {"k_min": "2", "k_max": "6", "seed": "7"}
+    sensors = [VibrationSensor(seed=100 + d, fault_rate=0.0, mode_dwell=MODE_DWELL)
+               for d in range(10)]
+
+    def read(n: int, modes: tuple) -> np.ndarray:
+        rows = []
+        for i in range(n):
+            sensors[i % 10].modes = modes
+            rows.append(sensors[i % 10].read().features)
+        return np.array(rows)
+
+    with threadpool_limits(limits=1):
+        before = [dict(r, reason="no-model", inclusion_p=1.0)
+                  for r in us.records(read(806, MODES))]
+        us.train(tmp_path / "v2", before, **hp)
+        v2 = us.Model(tmp_path / "v2" / "model" / "model.onnx")
+        shifted = read(900, SHIFTED_MODES)
+        sent, _ = us.through_uplink(shifted, v2.flags(shifted), sample_rate=0.02, seed=1,
+                                    start=10_000)
+        metrics = us.train(tmp_path / "v3", before + sent, version=3,
+                           champion=tmp_path / "v2" / "model" / "model.onnx", **hp)
+        v3 = us.Model(tmp_path / "v3" / "model" / "model.onnx")
+        fresh = read(2000, SHIFTED_MODES)
+    assert evaluate(vib, metrics, champion_in_production=True).approved
+    assert v2.flags(fresh).mean() > 0.3 and v3.flags(fresh).mean() < 0.03
