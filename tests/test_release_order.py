@@ -144,6 +144,11 @@ def test_rollbacks_back_and_forth_each_get_their_own_live_job(env) -> None:
         # the new job is live (a device connecting now gets it); every other one is not
         assert live_jobs(env) == [result["job_id"]]
         assert released(env) == to
+        # and `mledge fleet` reports that job, not a cancelled one reused
+        fleet = Operator(clients=env["aws"], settings=env["settings"],
+                         config=packaging_config()).fleet(MODEL)
+        assert (fleet.released_version, fleet.job_id) == (to, result["job_id"])
+        assert fleet.job_status not in ("CANCELED", "COMPLETED")
     assert len(set(jobs)) == len(jobs)
 
 
