@@ -158,7 +158,11 @@ class Operator:
                 released_score=_score(released, cfg.metric),
                 latest_version=latest.version if latest else None,
                 latest_status=str(latest.status) if latest else None,
-                training_version=lock.version if lock else None,
+                # An approved version keeps the lock while it is being released: that is
+                # not a training in flight.
+                training_version=lock.version if lock and any(
+                    v.version == lock.version and v.status is Status.TRAINING
+                    for v in versions) else None,
             ))
         return out
 
