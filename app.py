@@ -6,6 +6,7 @@ import os
 
 from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, Request, SQSEvent
+from mledge_update.events import MODEL_APPROVED, PIPELINE_SOURCE
 
 from chalicelib import completion, ingest, operator_api, packaging, trigger
 from chalicelib.operator import Operator
@@ -140,10 +141,10 @@ def http_rollback(model: str) -> dict:
 
 # --- packaging: ModelApproved -> release + IoT Job (chalicelib/packaging.py) ----------
 
-EVENT_SOURCE = os.environ.get("MLEDGE_EVENT_SOURCE", "mledge.pipeline")
+EVENT_SOURCE = os.environ.get("MLEDGE_EVENT_SOURCE", PIPELINE_SOURCE)
 
 
-@app.on_cw_event({"source": [EVENT_SOURCE], "detail-type": ["ModelApproved"]})
+@app.on_cw_event({"source": [EVENT_SOURCE], "detail-type": [MODEL_APPROVED]})
 def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
     return packaging.handle_model_approved(event.detail, clients=rt.clients,

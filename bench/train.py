@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "training_image"))
+sys.path[:0] = [str(REPO / "training_image"), str(REPO / "update_format")]
 
 from trainer import synthetic  # noqa: E402
 
@@ -66,7 +66,8 @@ def run_one(workdir: Path, family: str, size: int, per_file: int, threads: int |
     synthetic.write_hyperparameters(base, hyperparameters())
     data_mb = sum(p.stat().st_size for p in channel.rglob("*.jsonl.gz")) / 1e6
     gunzip = gunzip_seconds(channel)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "training_image"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO / "training_image"), str(REPO / "update_format")]))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()

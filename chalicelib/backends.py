@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import shutil
 import sys
 import tempfile
@@ -33,17 +31,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from mledge_update.events import LOCAL_TRAINING_SOURCE, SAGEMAKER_DETAIL_TYPE
+from mledge_update.naming import job_tags
+
 from chalicelib import layout
 from chalicelib.config import ModelConfig, TrainingConfig
 from chalicelib.settings import Settings
 
-LOCAL_EVENT_SOURCE = "mledge.local-training"
-SAGEMAKER_DETAIL_TYPE = "SageMaker Training Job State Change"
-TAG_MODEL = "mledge:model"
-TAG_VERSION = "mledge:version"
-TAG_STAGE = "mledge:stage"
-JOB_NAME_LIMIT = 63  # SageMaker: [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
-_JOB_NAME = re.compile(r"^mledge-(?P<model>[a-z0-9][a-z0-9-]*)-v(?P<version>\d+)-(?P<suffix>[a-z0-9]+)$")
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -92,7 +86,7 @@ class TrainingRequest:
 
     @property
     def tags(self) -> dict[str, str]:
-        return {TAG_MODEL: self.model, TAG_VERSION: str(self.version), TAG_STAGE: self.stage}
+        return job_tags(self.model, self.version, self.stage)
 
 
 class TrainingBackend(Protocol):
@@ -101,27 +95,6 @@ class TrainingBackend(Protocol):
     def start(self, request: TrainingRequest) -> str:
         """Start the job; returns its name. Raises BackendError when it did not start."""
         ...
-
-
-def make_job_name(model: str, version: int, suffix: str | None = None) -> str:
-    """`mledge-<model>-v<version>-<suffix>`, at most 63 characters of [a-z0-9-].
-
-    The suffix keeps names unique when a version is retried. A very long model
-    name is shortened to fit; the job's tags always carry the full name.
-    """
-    suffix = suffix or secrets.token_hex(3)
-    tail = f"-v{version}-{suffix}"
-    room = JOB_NAME_LIMIT - len("mledge-") - len(tail)
-    short_model = model[:room].rstrip("-")
-    return f"mledge-{short_model}{tail}"
-
-
-def parse_job_name(job_name: str) -> tuple[str, int] | None:
-    """(model, version) from a job name made by make_job_name (None if it is not one)."""
-    match = _JOB_NAME.match(job_name)
-    if not match:
-        return None
-    return match["model"], int(match["version"])
 
 
 def training_hyperparameters(model: ModelConfig, version: int) -> dict[str, str]:
@@ -303,9 +276,9 @@ def wait_for_local_jobs(timeout: float) -> list[LocalJob]:
 
 
 def default_trainer_env() -> dict[str, str]:
-    """This environment, with the checkout's training_image/ importable by the child."""
+    """This environment, with the checkout's training_image/ and update_format/ importable."""
     env = dict(os.environ)
-    paths = [str(_REPO / "training_image"), str(_REPO)]
+    paths = [str(_REPO / "training_image"), str(_REPO / "update_format"), str(_REPO)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -388,7 +361,7 @@ class LocalBackend:
 
     def _emit(self, job: LocalJob, started: datetime, ended: datetime) -> dict[str, Any]:
         entry = {
-            "Source": LOCAL_EVENT_SOURCE,
+            "Source": LOCAL_TRAINING_SOURCE,
             "DetailType": SAGEMAKER_DETAIL_TYPE,
             "Resources": [self.job_arn(job.request.job_name)],
             "Detail": json.dumps(self.event_detail(job, started, ended)),

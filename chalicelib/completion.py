@@ -25,12 +25,19 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import ClientError
+from mledge_update.events import (
+    BATCH_DETAIL_TYPE,
+    BATCH_SOURCE,
+    LOCAL_TRAINING_SOURCE,
+    SAGEMAKER_DETAIL_TYPE,
+    SAGEMAKER_SOURCE,
+)
+from mledge_update.naming import identify_job
 
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import PipelineConfig, UnknownModelError
@@ -46,19 +53,15 @@ from chalicelib.state import StateStore
 
 log = logging.getLogger(__name__)
 
-SAGEMAKER_PATTERN = {"source": ["aws.sagemaker"],
-                     "detail-type": ["SageMaker Training Job State Change"]}
-BATCH_PATTERN = {"source": ["aws.batch"], "detail-type": ["Batch Job State Change"]}
-LOCAL_PATTERN = {"source": ["mledge.local-training"],
-                 "detail-type": ["SageMaker Training Job State Change"]}
+SAGEMAKER_PATTERN = {"source": [SAGEMAKER_SOURCE], "detail-type": [SAGEMAKER_DETAIL_TYPE]}
+BATCH_PATTERN = {"source": [BATCH_SOURCE], "detail-type": [BATCH_DETAIL_TYPE]}
+LOCAL_PATTERN = {"source": [LOCAL_TRAINING_SOURCE], "detail-type": [SAGEMAKER_DETAIL_TYPE]}
 
 SAGEMAKER_SUCCEEDED = {"Completed"}
 SAGEMAKER_FAILED = {"Failed", "Stopped"}
 BATCH_SUCCEEDED = {"SUCCEEDED"}
 BATCH_FAILED = {"FAILED"}
 
-_JOB_NAME = re.compile(r"^mledge-(?P<rest>.+)$")
-_VERSION_PART = re.compile(r"-v(?P<version>\d+)-")
 # metrics.json is small; a bigger member is not ours.
 _MAX_METRICS_BYTES = 1 << 20
 
@@ -93,40 +96,6 @@ class CompletionResult:
 
 
 # ---------------------------------------------------------------- parsing events
-
-
-def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str, int] | None:
-    """(model, version) of a job: its `mledge:model`/`mledge:version` tags, else its name.
-
-    Names are ``mledge-<model>-v<version>-<suffix>``; model names may contain
-    ``-v<digits>-`` themselves, so each split point is tried and a configured model
-    wins.
-    """
-    tag_map = _tags(tags)
-    if tag_map.get("mledge:model") and str(tag_map.get("mledge:version", "")).isdigit():
-        return str(tag_map["mledge:model"]), int(tag_map["mledge:version"])
-    match = _JOB_NAME.match(job_name or "")
-    if not match:
-        return None
-    rest = match.group("rest")
-    candidates: list[tuple[str, int]] = []
-    for i in range(1, len(rest)):
-        m = _VERSION_PART.match(rest, i)
-        if m:
-            candidates.append((rest[:i], int(m.group("version"))))
-    for model, version in candidates:
-        if model in known_models:
-            return model, version
-    return candidates[0] if candidates else None
-
-
-def _tags(tags: Any) -> dict[str, str]:
-    if isinstance(tags, dict):
-        return {str(k): str(v) for k, v in tags.items()}
-    if isinstance(tags, list):
-        return {str(t.get("Key") or t.get("key")): str(t.get("Value") or t.get("value"))
-                for t in tags if isinstance(t, dict)}
-    return {}
 
 
 def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,

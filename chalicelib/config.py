@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("kmeans_anomaly", "classifier")
-ANOMALY_FAMILIES = frozenset({"kmeans_anomaly"})
-"""Families whose models flag readings: the gate also judges their detection of faults."""
-FAMILY_METRICS = {
-    "kmeans_anomaly": ("silhouette",),
-    "classifier": ("accuracy", "macro_f1"),
-}
+from mledge_update.families import FAMILIES, FAMILY_METRICS
+from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
+
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -82,22 +78,6 @@ class AbortConfig:
 @dataclass(frozen=True)
 class TimeoutConfig:
     in_progress_minutes: int = 30
-
-
-@dataclass(frozen=True)
-class UplinkPolicy:
-    before_model: str = "all"
-    anomalies: bool = True
-    sample_rate: float = 0.01
-    summary_interval_seconds: int = 60
-
-    def to_document(self) -> dict[str, Any]:
-        return {
-            "before_model": self.before_model,
-            "anomalies": self.anomalies,
-            "sample_rate": self.sample_rate,
-            "summary_interval_seconds": self.summary_interval_seconds,
-        }
 
 
 @dataclass(frozen=True)
@@ -349,11 +329,13 @@ def _parse_timeout(f: _Fields) -> TimeoutConfig:
 
 
 def _parse_uplink(f: _Fields) -> UplinkPolicy:
+    d = UplinkPolicy()
     u = UplinkPolicy(
-        before_model=f.get("before_model", "str", "all", choices=("all", "none")),
-        anomalies=f.get("anomalies", "bool", True),
-        sample_rate=f.get("sample_rate", "float", 0.01, minimum=0.0, maximum=1.0),
-        summary_interval_seconds=f.get("summary_interval_seconds", "int", 60, minimum=1),
+        before_model=f.get("before_model", "str", d.before_model, choices=BEFORE_MODEL_CHOICES),
+        anomalies=f.get("anomalies", "bool", d.anomalies),
+        sample_rate=f.get("sample_rate", "float", d.sample_rate, minimum=0.0, maximum=1.0),
+        summary_interval_seconds=f.get("summary_interval_seconds", "int",
+                                       int(d.summary_interval_seconds), minimum=1),
     )
     f.done()
     return u

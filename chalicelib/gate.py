@@ -29,7 +29,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from chalicelib.config import ANOMALY_FAMILIES, ModelConfig
+from mledge_update.families import ANOMALY_FAMILIES
+
+from chalicelib.config import ModelConfig
 
 # Scores are floats: 0.95 + 0.005 is 0.9550000000000001, and a challenger scoring
 # 0.955 must not fail "0.9550 < 0.9550". Comparisons allow this much rounding.

@@ -12,12 +12,12 @@ import json
 import uuid
 from typing import Any
 
+from mledge_update.events import MODEL_APPROVED
+
 from chalicelib.layout import training_output_prefix
 from chalicelib.settings import Settings
 from chalicelib.state import StateStore, event_key
 from chalicelib.tables import STATE_KEY
-
-MODEL_APPROVED = "ModelApproved"
 
 
 class EventEmitError(Exception):

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from botocore.exceptions import ClientError
+from mledge_update.naming import job_tags
 
 from chalicelib.aws import error_code
 from chalicelib.config import ModelConfig
@@ -31,19 +32,6 @@ RETRIES = [
 
 class OtaError(Exception):
     """The IoT Job for a release could not be created."""
-
-
-MAX_JOB_ID = 64
-
-
-def job_id_for(model: str, version: int, *, rollback: bool = False,
-               attempt: str | None = None) -> str:
-    """The release's job id; the version and attempt survive truncation of long names."""
-    suffix = f"-v{version:05d}"
-    if rollback or attempt:
-        suffix += f"-{'rollback' if rollback else 'retry'}-{attempt or 'x'}"
-    prefix = f"mledge-{model}"[: MAX_JOB_ID - len(suffix)]
-    return prefix + suffix
 
 
 def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelConfig,
@@ -78,11 +66,8 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
         }]},
         "timeoutConfig": {"inProgressTimeoutInMinutes": model_config.timeout.in_progress_minutes},
         "jobExecutionsRetryConfig": {"criteriaList": RETRIES},
-        "tags": [
-            {"Key": "mledge:model", "Value": model_config.name},
-            {"Key": "mledge:version", "Value": str(version)},
-            {"Key": "mledge:stage", "Value": stage},
-        ],
+        "tags": [{"Key": key, "Value": value}
+                 for key, value in job_tags(model_config.name, version, stage).items()],
     }
 
 

@@ -57,6 +57,7 @@ from mledge_update.document import (
 )
 from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFormatError
 from mledge_update.hashing import sha256_hex
+from mledge_update.naming import iot_job_id
 
 from chalicelib import layout, ota
 from chalicelib.aws import AwsClients, error_code
@@ -272,7 +273,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         rollback=event.rollback,
     )
     manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = ota.job_id_for(model, version, rollback=event.rollback, attempt=event.attempt)
+    job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt)
     manifest_key = (f"{prefix}manifest.json" if not event.rollback
                     else f"{prefix}rollback-{job_id}.json")
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())

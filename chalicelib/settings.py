@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mledge_update.events import PIPELINE_SOURCE
+
 DEFAULT_PIPELINE_CONFIG = Path(__file__).with_name("pipeline.toml")
 
 
@@ -26,7 +28,7 @@ class Settings:
     state_table: str
     telemetry_queue: str
     raw_events_queue: str
-    event_source: str = "mledge.pipeline"
+    event_source: str = PIPELINE_SOURCE
     event_bus: str = "default"
     training_role_arn: str = ""
     training_image_uri: str = ""
@@ -58,7 +60,7 @@ class Settings:
             state_table=required("MLEDGE_STATE_TABLE"),
             telemetry_queue=env.get("MLEDGE_TELEMETRY_QUEUE", ""),
             raw_events_queue=env.get("MLEDGE_RAW_EVENTS_QUEUE", ""),
-            event_source=env.get("MLEDGE_EVENT_SOURCE", "mledge.pipeline"),
+            event_source=env.get("MLEDGE_EVENT_SOURCE", PIPELINE_SOURCE),
             event_bus=env.get("MLEDGE_EVENT_BUS", "default"),
             training_role_arn=env.get("MLEDGE_TRAINING_ROLE_ARN", ""),
             training_image_uri=env.get("MLEDGE_TRAINING_IMAGE_URI", ""),

@@ -31,13 +31,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
+from mledge_update.naming import make_job_name
+
 from chalicelib import layout
 from chalicelib.aws import error_code
 from chalicelib.backends import (
     TrainingBackend,
     TrainingRequest,
     backend_for,
-    make_job_name,
     training_hyperparameters,
 )
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError

@@ -1,19 +1,16 @@
-"""Shared fixtures: moto in-process AWS with the stage's resources, and stage settings."""
+"""What every part's tests share: the stage environment (set before any test imports
+app.py), the repository root, and the environment of a child Python process."""
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PART_PATHS = [REPO, REPO / "update_format", REPO / "edge", REPO / "training_image", REPO / "devstack"]
 
 # Stage variables that app.py reads at import time (queue names in decorators)
-# must exist before any test imports app (REFERENCES.md, Chalice specifics).
+# must exist before any test imports app.
 TEST_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
@@ -46,36 +43,3 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in PART_PATHS)
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def python() -> str:
-    return sys.executable
-
-
-@pytest.fixture
-def settings():
-    from chalicelib.settings import Settings
-
-    return Settings.from_env()
-
-
-@pytest.fixture
-def aws(settings) -> Iterator:
-    """moto in-process with the stage's bucket, tables and queues; yields AwsClients."""
-    from moto import mock_aws
-
-    from chalicelib.aws import AwsClients
-    from chalicelib.tables import create_tables
-
-    with mock_aws():
-        clients = AwsClients.for_settings(settings)
-        clients.s3.create_bucket(Bucket=settings.bucket)
-        create_tables(clients.dynamodb, settings.registry_table, settings.state_table)
-        clients.sqs.create_queue(QueueName=settings.telemetry_queue)
-        clients.sqs.create_queue(QueueName=settings.raw_events_queue)
-        yield clients
-
-
-# Fixtures of the registry / gate / completion / operator tests.
-pytest_plugins = ["tests.registry_support"]

@@ -15,6 +15,8 @@ import pwd
 import shutil
 from pathlib import Path
 
+from mledge_update.topics import TELEMETRY_ROOT, jobs_topic_root
+
 from mledge_devstack.procs import ManagedProcess, port_open
 
 BRIDGE_CLIENT = "mledge-bridge"
@@ -38,8 +40,8 @@ def acl_text(bridge_user: str = BRIDGE_CLIENT, observer_user: str = OBSERVER_CLI
         "topic read $aws/#",
         "",
         "# Every device (user = certificate CN = thing name):",
-        "pattern write dt/mledge/+/%u/+",
-        "pattern readwrite $aws/things/%u/jobs/#",
+        f"pattern write {TELEMETRY_ROOT}/+/%u/+",
+        f"pattern readwrite {jobs_topic_root('%u')}/#",
         "",
     ])
 

@@ -44,6 +44,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from mledge_update.topics import JOBS_REQUEST_FILTERS, jobs_topic_root
+
 log = logging.getLogger(__name__)
 
 QUEUED, IN_PROGRESS = "QUEUED", "IN_PROGRESS"
@@ -59,12 +61,7 @@ REQUEST_TOPIC = re.compile(
     r"(?P<job>[^/]+)/(?P<op>get|update))$"
 )
 # The request filters the bridge subscribes to (precise, so it never hears its own replies).
-REQUEST_FILTERS = (
-    "$aws/things/+/jobs/start-next",
-    "$aws/things/+/jobs/get",
-    "$aws/things/+/jobs/+/get",
-    "$aws/things/+/jobs/+/update",
-)
+REQUEST_FILTERS = JOBS_REQUEST_FILTERS
 MAX_STATUS_DETAILS = 10
 
 Presigner = Callable[[str, str, int], str]  # (bucket, key, expires_in_seconds) -> URL
@@ -414,7 +411,7 @@ class JobsEngine:
             payload: dict[str, Any] = {"timestamp": int(now)}
             if current is not None:
                 payload["execution"] = self._execution(current[0], thing, document=True)
-            out.append(Outgoing(f"$aws/things/{thing}/jobs/notify-next", payload))
+            out.append(Outgoing(f"{jobs_topic_root(thing)}/notify-next", payload))
         return out
 
     # ----------------------------------------------------------- device requests

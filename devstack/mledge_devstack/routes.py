@@ -25,10 +25,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from mledge_update.events import BATCH_SOURCE, LOCAL_TRAINING_SOURCE, SAGEMAKER_SOURCE
+
 log = logging.getLogger(__name__)
 
-LOCAL_TRAINING_SOURCE = "mledge.local-training"
-TRAINING_SOURCES = ("aws.sagemaker", "aws.batch")
+TRAINING_SOURCES = (SAGEMAKER_SOURCE, BATCH_SOURCE)
 
 SQS, EVENTBRIDGE, S3 = "sqs", "eventbridge", "s3"
 

@@ -15,17 +15,20 @@ import threading
 import time
 from typing import Any
 
+from mledge_update.topics import TELEMETRY_FILTER, parse_telemetry_topic
+
 log = logging.getLogger(__name__)
 
-RULE_FILTER = "dt/mledge/+/+/+"
+RULE_FILTER = TELEMETRY_FILTER
 SQS_BATCH = 10
 
 
 def apply_topic_rule(topic: str, payload: bytes, received_at_ms: int) -> dict[str, Any] | None:
     """The rule's output for one message, or None where AWS's rule would not fire."""
-    levels = topic.split("/")
-    if len(levels) != 5 or levels[:2] != ["dt", "mledge"]:
+    parsed = parse_telemetry_topic(topic)
+    if parsed is None:
         return None
+    model, thing, kind = parsed
     try:
         record = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -33,7 +36,7 @@ def apply_topic_rule(topic: str, payload: bytes, received_at_ms: int) -> dict[st
     if not isinstance(record, dict):
         return None
     # Selected fields named after `*` win over payload fields of the same name.
-    record.update(model=levels[2], thing=levels[3], type=levels[4], received_at=received_at_ms)
+    record.update(model=model, thing=thing, type=kind, received_at=received_at_ms)
     return record
 
 

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from mledge_update.document import OPERATION
+from mledge_update.topics import telemetry_topic
 from mledge_update.uplink import INCLUSION_FIELD, REASON_FIELD, SUMMARY
 
 from .config import AgentConfig
@@ -44,10 +45,6 @@ def crash_hook_from_env() -> CrashHook:
             os._exit(CRASH_EXIT_CODE)
 
     return hook
-
-
-def telemetry_topic(model: str, thing: str, kind: str = "telemetry") -> str:
-    return f"dt/mledge/{model}/{thing}/{kind}"
 
 
 class Agent:

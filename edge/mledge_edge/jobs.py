@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mledge_update.topics import jobs_topic_root
+
 from .mqtt import MqttLink
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,7 @@ class JobsClient:
         self.retry_interval_s = retry_interval_s
         self.link = link
         self.thing = thing
-        self.prefix = f"$aws/things/{thing}/jobs"
+        self.prefix = jobs_topic_root(thing)
         self.handle_execution = handle_execution
         self.before_start_next = before_start_next
         self.request_timeout_s = request_timeout_s

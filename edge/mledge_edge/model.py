@@ -1,7 +1,7 @@
 """Loaded ONNX models and the hot-swappable model handle a host application embeds.
 
 A `LoadedModel` is immutable once built: it owns one onnxruntime session and the
-metadata read from the model (BRIEF.md ONNX conventions). A `ModelHandle` holds a
+metadata read from the model (the keys of mledge_update.onnx_metadata). A `ModelHandle` holds a
 reference to the newest installed `LoadedModel`; `predict` reads that reference
 once (an atomic attribute read, no lock) and runs on it, so a swap never blocks
 or drops an inference: calls already running finish on the model they started
@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from mledge_update import onnx_metadata as meta_keys
+from mledge_update.families import FAMILIES, KMEANS_ANOMALY
 
-FAMILIES = ("kmeans_anomaly", "classifier")
 INPUT_NAME = "input"
 
 
@@ -91,15 +92,15 @@ class LoadedModel:
         if not {"label", "scores"} <= outputs:
             raise ModelLoadError(f"model outputs must include 'label' and 'scores', has {sorted(outputs)}")
         meta = self._session.get_modelmeta().custom_metadata_map
-        family = meta.get("mledge.family", "")
+        family = meta.get(meta_keys.FAMILY, "")
         if family not in FAMILIES:
             raise ModelLoadError(f"mledge.family must be one of {FAMILIES}, is {family!r}")
         try:
-            version = int(meta.get("mledge.version", ""))
+            version = int(meta.get(meta_keys.VERSION, ""))
         except ValueError as exc:
             raise ModelLoadError("mledge.version metadata is missing or not an integer") from exc
         try:
-            features = tuple(str(f) for f in json.loads(meta.get("mledge.features", "[]")))
+            features = tuple(str(f) for f in json.loads(meta.get(meta_keys.FEATURES, "[]")))
         except (ValueError, TypeError) as exc:
             raise ModelLoadError("mledge.features metadata is not a JSON list") from exc
         if features and len(features) != shape[1]:
@@ -107,15 +108,15 @@ class LoadedModel:
                 f"mledge.features names {len(features)} features but the input takes {shape[1]}"
             )
         threshold: float | None = None
-        if family == "kmeans_anomaly":
+        if family == KMEANS_ANOMALY:
             try:
-                threshold = float(meta["mledge.anomaly_threshold"])
+                threshold = float(meta[meta_keys.ANOMALY_THRESHOLD])
             except (KeyError, ValueError) as exc:
                 raise ModelLoadError("k-means model lacks a numeric mledge.anomaly_threshold") from exc
             if not math.isfinite(threshold):
                 raise ModelLoadError("mledge.anomaly_threshold is not finite")
         return ModelInfo(
-            name=meta.get("mledge.model", ""),
+            name=meta.get(meta_keys.MODEL, ""),
             version=version,
             family=family,
             features=features,
@@ -140,7 +141,7 @@ class LoadedModel:
         labels, scores = self.run(batch)
         results = []
         for label, row in zip(labels.tolist(), scores.tolist(), strict=True):
-            if self.info.family == "kmeans_anomaly":
+            if self.info.family == KMEANS_ANOMALY:
                 nearest = float(min(row))
                 assert self.info.anomaly_threshold is not None
                 anomaly = nearest > self.info.anomaly_threshold

@@ -1,10 +1,7 @@
 """What the device sends upstream, and how much it has sent.
 
-Policy (job document `uplink`, pipeline.toml): before a model is installed,
-`before_model` = "all" sends every reading (the cloud needs data to train on),
-"none" sends nothing. With a model: every anomaly (when `anomalies` is true), a
-random `sample_rate` fraction of the other readings (drift data), and a summary
-every `summary_interval_seconds`.
+The policy (job document `uplink`, pipeline.toml) is the shared contract's
+`UplinkPolicy` (mledge_update.uplink), read leniently with `from_document`.
 
 Every sent reading says why and with what probability it was sent
 (`mledge_update.uplink`): the trainer weighs it by the inverse, so the filter does not
@@ -15,35 +12,9 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from mledge_update.uplink import FLAGGED, NO_MODEL, SAMPLE
-
-DEFAULT_POLICY = {
-    "before_model": "all",
-    "anomalies": True,
-    "sample_rate": 0.02,
-    "summary_interval_seconds": 60,
-}
-
-
-@dataclass(frozen=True)
-class UplinkPolicy:
-    before_model: str = "all"
-    anomalies: bool = True
-    sample_rate: float = 0.02
-    summary_interval_seconds: float = 60.0
-
-    @classmethod
-    def from_document(cls, value: dict[str, Any] | None) -> UplinkPolicy:
-        merged = {**DEFAULT_POLICY, **(value or {})}
-        before = str(merged["before_model"])
-        if before not in ("all", "none"):
-            before = "all"
-        rate = min(1.0, max(0.0, float(merged["sample_rate"])))
-        interval = max(1.0, float(merged["summary_interval_seconds"]))
-        return cls(before, bool(merged["anomalies"]), rate, interval)
+from mledge_update.uplink import FLAGGED, NO_MODEL, SAMPLE, UplinkPolicy
 
 
 class UplinkDecision(NamedTuple):

@@ -34,16 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mledge_update.uplink import FLAGGED, INCLUSION_FIELD, REASON_FIELD
 
 from trainer.errors import DataError
 
 CHUNK_ROWS = 50_000
 FILE_PATTERN = "*.jsonl.gz"
-# The raw-record fields of mledge_update.uplink (the device, ingest and this loader agree
-# on them through the record format; the image does not ship mledge_update).
-REASON_FIELD = "reason"
-INCLUSION_FIELD = "inclusion_p"
-FLAGGED = "flagged"
 VERDICT_OF = "verdict_of"
 VERDICT = "verdict"
 FAULT = "fault"

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from mledge_update import onnx_metadata
 
 from trainer.errors import ChampionError, ExportError
 from trainer.hyperparameters import CommonParams
@@ -43,10 +44,10 @@ def finalize(model: onnx.ModelProto, common: CommonParams, extra_metadata: dict[
     model.model_version = common.model_version
     model.doc_string = ""
     metadata = {
-        "mledge.model": common.model_name,
-        "mledge.version": str(common.model_version),
-        "mledge.family": common.family,
-        "mledge.features": json.dumps(list(common.features)),
+        onnx_metadata.MODEL: common.model_name,
+        onnx_metadata.VERSION: str(common.model_version),
+        onnx_metadata.FAMILY: common.family,
+        onnx_metadata.FEATURES: json.dumps(list(common.features)),
         **extra_metadata,
     }
     del model.metadata_props[:]

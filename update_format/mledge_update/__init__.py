@@ -4,7 +4,16 @@
 - `mledge_update.codecs`: delta codecs by name (`bsdiff4` baseline) and full-model encodings.
 - `mledge_update.document`: the IoT Jobs job document and the release manifest.
 
-Pure Python plus bsdiff4 and zstandard (no numpy): it runs in Lambda and on devices.
+The contracts cloud, device, trainer and local stack share are defined here once:
+- `mledge_update.families`: the model families and their metrics;
+- `mledge_update.onnx_metadata`: the ONNX metadata keys the trainer writes;
+- `mledge_update.uplink`: `UplinkPolicy`, what a device sends upstream;
+- `mledge_update.topics`: the telemetry and IoT Jobs MQTT topics;
+- `mledge_update.naming`: training job names and tags, release IoT Job ids;
+- `mledge_update.events`: EventBridge sources and detail types.
+
+Pure Python plus bsdiff4 and zstandard (no numpy): it runs in Lambda and on devices,
+and the contract modules import neither (the trainer needs only them).
 """
 
 from .errors import (

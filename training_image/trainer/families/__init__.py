@@ -1,33 +1,37 @@
-"""The registry of model families, chosen by the `family` hyperparameter.
+"""The model families, chosen by the `family` hyperparameter.
 
-To add a family: write `trainer/families/<name>.py` with a `ModelFamily` subclass
-and add it to `_FAMILIES` below.
+The list of families is the shared contract's (mledge_update.families); each one's
+trainer is the module of the same name here, `trainer/families/<name>.py`, which
+names its `ModelFamily` subclass `FAMILY`. Adding a family: add it to that list
+and write its module.
 """
 
 from __future__ import annotations
 
+import importlib
+
+from mledge_update.families import FAMILIES
+
 from trainer.errors import UnknownFamilyError
 from trainer.families.base import FittedModel, ModelFamily
-from trainer.families.classifier import ClassifierFamily
-from trainer.families.kmeans_anomaly import KMeansAnomalyFamily
-
-_FAMILIES: dict[str, type[ModelFamily]] = {
-    KMeansAnomalyFamily.name: KMeansAnomalyFamily,
-    ClassifierFamily.name: ClassifierFamily,
-}
 
 
 def family_names() -> tuple[str, ...]:
-    return tuple(sorted(_FAMILIES))
+    return tuple(sorted(FAMILIES))
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    """The `ModelFamily` subclass of a family the contract lists."""
+    if name not in FAMILIES:
+        raise UnknownFamilyError(
+            f"unknown family {name!r} (known: {', '.join(family_names())})"
+        )
+    cls: type[ModelFamily] = importlib.import_module(f"trainer.families.{name}").FAMILY
+    return cls
 
 
 def get_family(name: str) -> ModelFamily:
-    try:
-        return _FAMILIES[name]()
-    except KeyError:
-        raise UnknownFamilyError(
-            f"unknown family {name!r} (known: {', '.join(family_names())})"
-        ) from None
+    return family_class(name)()
 
 
-__all__ = ["FittedModel", "ModelFamily", "family_names", "get_family"]
+__all__ = ["FittedModel", "ModelFamily", "family_class", "family_names", "get_family"]

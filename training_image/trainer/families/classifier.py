@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from mledge_update import onnx_metadata
+from mledge_update.families import CLASSIFIER, FAMILY_METRICS
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
 from sklearn.exceptions import ConvergenceWarning
@@ -41,8 +43,8 @@ class ClassifierParams:
 
 
 class ClassifierFamily(ModelFamily):
-    name: ClassVar[str] = "classifier"
-    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")
+    name: ClassVar[str] = CLASSIFIER
+    metrics: ClassVar[tuple[str, ...]] = FAMILY_METRICS[CLASSIFIER]
     needs_labels: ClassVar[bool] = True
 
     def parse_params(self, hp: Hyperparameters, common: CommonParams) -> ClassifierParams:
@@ -107,7 +109,7 @@ class ClassifierFamily(ModelFamily):
         return FittedModel(
             estimator=pipeline,
             details=details,
-            metadata={"mledge.classes": json.dumps(classes)},
+            metadata={onnx_metadata.CLASSES: json.dumps(classes)},
         )
 
     def library_outputs(self, fitted: FittedModel, features: np.ndarray
@@ -140,3 +142,6 @@ class ClassifierFamily(ModelFamily):
             "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0,
                                        sample_weight=weights)),
         }
+
+
+FAMILY = ClassifierFamily

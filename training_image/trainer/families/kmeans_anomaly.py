@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
+from mledge_update import onnx_metadata
+from mledge_update.families import FAMILY_METRICS, KMEANS_ANOMALY
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, Int64TensorType
 from sklearn.cluster import KMeans
@@ -125,8 +127,8 @@ def _within_quantile(distances: np.ndarray, quantile: float,
 
 
 class KMeansAnomalyFamily(ModelFamily):
-    name: ClassVar[str] = "kmeans_anomaly"
-    metrics: ClassVar[tuple[str, ...]] = ("silhouette",)
+    name: ClassVar[str] = KMEANS_ANOMALY
+    metrics: ClassVar[tuple[str, ...]] = FAMILY_METRICS[KMEANS_ANOMALY]
     needs_labels: ClassVar[bool] = False
     flags_anomalies: ClassVar[bool] = True
 
@@ -223,7 +225,8 @@ class KMeansAnomalyFamily(ModelFamily):
         return FittedModel(
             estimator=pipeline,
             details=details,
-            metadata={"mledge.anomaly_threshold": repr(threshold), "mledge.k": str(k)},
+            metadata={onnx_metadata.ANOMALY_THRESHOLD: repr(threshold),
+                      onnx_metadata.K: str(k)},
             context={"scaler": scaler},
         )
 
@@ -252,9 +255,12 @@ class KMeansAnomalyFamily(ModelFamily):
 
     def flags(self, scores: np.ndarray, metadata: dict[str, str]) -> np.ndarray | None:
         try:
-            threshold = float(metadata["mledge.anomaly_threshold"])
+            threshold = float(metadata[onnx_metadata.ANOMALY_THRESHOLD])
         except (KeyError, ValueError):
             raise ChampionError("a k-means model without a numeric mledge.anomaly_threshold "
                                 "cannot be judged on detection") from None
         # The device's rule (mledge_edge.model): nearest-centroid distance above threshold.
         return np.asarray(scores).min(axis=1) > threshold
+
+
+FAMILY = KMeansAnomalyFamily

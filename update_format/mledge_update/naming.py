@@ -1,0 +1,99 @@
+"""Names and tags of training jobs and IoT Jobs, made by the cloud and read back from events.
+
+A training job is `mledge-<model>-v<version>-<suffix>` (SageMaker's limit: 63 of
+[a-zA-Z0-9-]) and tagged with the full model name, version and stage; the release
+IoT Job of a version is `mledge-<model>-v<NNNNN>` (plus an attempt suffix for an
+operator's rollback or release retry).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Any
+
+JOB_PREFIX = "mledge-"
+TAG_MODEL = "mledge:model"
+TAG_VERSION = "mledge:version"
+TAG_STAGE = "mledge:stage"
+JOB_NAME_LIMIT = 63  # SageMaker: [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
+IOT_JOB_ID_LIMIT = 64
+_JOB_NAME = re.compile(
+    r"^mledge-(?P<model>[a-z0-9][a-z0-9-]*)-v(?P<version>\d+)-(?P<suffix>[a-z0-9]+)$")
+_ANY_JOB_NAME = re.compile(r"^mledge-(?P<rest>.+)$")
+_VERSION_PART = re.compile(r"-v(?P<version>\d+)-")
+
+
+def make_job_name(model: str, version: int, suffix: str | None = None) -> str:
+    """`mledge-<model>-v<version>-<suffix>`, at most 63 characters of [a-z0-9-].
+
+    The suffix keeps names unique when a version is retried. A very long model
+    name is shortened to fit; the job's tags always carry the full name.
+    """
+    suffix = suffix or secrets.token_hex(3)
+    tail = f"-v{version}-{suffix}"
+    room = JOB_NAME_LIMIT - len(JOB_PREFIX) - len(tail)
+    short_model = model[:room].rstrip("-")
+    return f"{JOB_PREFIX}{short_model}{tail}"
+
+
+def parse_job_name(job_name: str) -> tuple[str, int] | None:
+    """(model, version) from a job name made by make_job_name (None if it is not one)."""
+    match = _JOB_NAME.match(job_name)
+    if not match:
+        return None
+    return match["model"], int(match["version"])
+
+
+def job_tags(model: str, version: int, stage: str) -> dict[str, str]:
+    return {TAG_MODEL: model, TAG_VERSION: str(version), TAG_STAGE: stage}
+
+
+def iot_job_id(model: str, version: int, *, rollback: bool = False,
+               attempt: str | None = None) -> str:
+    """The IoT Job that releases a version: `mledge-<model>-v<NNNNN>`, plus
+    `-rollback-<attempt>` for a rollback or `-retry-<attempt>` for a release retry.
+
+    Each operator action carries its own attempt id, so it gets a job of its own: IoT
+    Jobs never runs a cancelled job again, and rolling back and forth between two
+    versions must not reuse one. The version and attempt survive truncation of a long
+    model name.
+    """
+    suffix = f"-v{version:05d}"
+    if rollback or attempt:
+        suffix += f"-{'rollback' if rollback else 'retry'}-{attempt or 'x'}"
+    return f"{JOB_PREFIX}{model}"[: IOT_JOB_ID_LIMIT - len(suffix)] + suffix
+
+
+def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str, int] | None:
+    """(model, version) of a job: its `mledge:model`/`mledge:version` tags, else its name.
+
+    Names are ``mledge-<model>-v<version>-<suffix>``; model names may contain
+    ``-v<digits>-`` themselves, so each split point is tried and a configured model
+    wins.
+    """
+    tag_map = _tag_map(tags)
+    if tag_map.get(TAG_MODEL) and str(tag_map.get(TAG_VERSION, "")).isdigit():
+        return str(tag_map[TAG_MODEL]), int(tag_map[TAG_VERSION])
+    match = _ANY_JOB_NAME.match(job_name or "")
+    if not match:
+        return None
+    rest = match.group("rest")
+    candidates: list[tuple[str, int]] = []
+    for i in range(1, len(rest)):
+        m = _VERSION_PART.match(rest, i)
+        if m:
+            candidates.append((rest[:i], int(m.group("version"))))
+    for model, version in candidates:
+        if model in known_models:
+            return model, version
+    return candidates[0] if candidates else None
+
+
+def _tag_map(tags: Any) -> dict[str, str]:
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    if isinstance(tags, list):
+        return {str(t.get("Key") or t.get("key")): str(t.get("Value") or t.get("value"))
+                for t in tags if isinstance(t, dict)}
+    return {}
