@@ -356,21 +356,21 @@ def test_label_refuses_bad_input_with_a_reason(op, ids, verdict, message) -> Non
         op.label(VIB, ids, verdict)
 
 
-def test_label_route_and_cli(http, aws, settings, capsys) -> None:
+def test_label_route_and_cli(client, aws, settings, capsys) -> None:
     headers = {"Content-Type": "application/json"}
-    ok = http.http.post(f"/models/{VIB}/labels", headers=headers,
+    ok = client.http.post(f"/models/{VIB}/labels", headers=headers,
                         body=json.dumps({"record_ids": ["r9"], "verdict": "normal"}))
     assert ok.status_code == 200 and ok.json_body["records"] == 1
-    bad = http.http.post(f"/models/{VIB}/labels", headers=headers,
+    bad = client.http.post(f"/models/{VIB}/labels", headers=headers,
                          body=json.dumps({"record_ids": "r9", "verdict": "normal"}))
     assert bad.status_code == 400
-    assert http.http.post("/models/nope/labels", headers=headers, body=json.dumps(
+    assert client.http.post("/models/nope/labels", headers=headers, body=json.dumps(
         {"record_ids": ["r"], "verdict": "fault"})).status_code == 404
     assert main(["label", VIB, "fault", "r1", "r2", "--reason", "seen on site"]) == 0
     assert "2 readings of vibration-anomaly labelled fault" in capsys.readouterr().out
 
 
-def test_release_route_retries_only_an_approved_version(http, registry, state_store, aws,
+def test_release_route_retries_only_an_approved_version(client, registry, state_store, aws,
                                                         settings, approved_queue) -> None:
     version, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc())
@@ -378,15 +378,15 @@ def test_release_route_retries_only_an_approved_version(http, registry, state_st
                         artifact=artifact)
     state_store.release_training_lock(VIB, version)  # its release failed (packaging frees it)
     headers = {"Content-Type": "application/json"}
-    done = http.http.post(f"/models/{VIB}/versions/{version}/release", headers=headers,
+    done = client.http.post(f"/models/{VIB}/versions/{version}/release", headers=headers,
                           body=json.dumps({"reason": "artifact fixed"}))
     assert done.status_code == 200, done.body
     detail = received_details(aws, approved_queue)[0]
     assert detail["attempt"] == done.json_body["attempt"] and detail["version"] == version
     _, v2, _ = _fleet(registry, state_store, aws, settings.bucket)
-    released = http.http.post(f"/models/{VIB}/versions/{v2}/release", headers=headers,
+    released = client.http.post(f"/models/{VIB}/versions/{v2}/release", headers=headers,
                               body="{}")
     assert released.status_code == 409 and "only an APPROVED version" in released.json_body[
         "Message"]
-    missing = http.http.post(f"/models/{VIB}/versions/99/release", headers=headers, body="{}")
+    missing = client.http.post(f"/models/{VIB}/versions/99/release", headers=headers, body="{}")
     assert missing.status_code == 404
