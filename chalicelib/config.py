@@ -81,6 +81,15 @@ class TimeoutConfig:
 
 
 @dataclass(frozen=True)
+class PackagingConfig:
+    """Limits on building a release's deltas (chalicelib/delta_budget.py)."""
+
+    time_budget_seconds: float = 60.0
+    memory_budget_mb: float = 1536.0
+    slow_codec_max_mb: float = 8.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     family: str
@@ -100,6 +109,7 @@ class ModelConfig:
     abort: AbortConfig = field(default_factory=AbortConfig)
     timeout: TimeoutConfig = field(default_factory=TimeoutConfig)
     uplink: UplinkPolicy = field(default_factory=UplinkPolicy)
+    packaging: PackagingConfig = field(default_factory=PackagingConfig)
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,7 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         abort=_parse_abort(f.sub("abort")),
         timeout=_parse_timeout(f.sub("timeout")),
         uplink=_parse_uplink(f.sub("uplink")),
+        packaging=_parse_packaging(f.sub("packaging")),
     )
     f.done()
     return model
@@ -326,6 +337,16 @@ def _parse_timeout(f: _Fields) -> TimeoutConfig:
     )
     f.done()
     return t
+
+
+def _parse_packaging(f: _Fields) -> PackagingConfig:
+    p = PackagingConfig(
+        time_budget_seconds=f.get("time_budget_seconds", "float", 60.0, minimum=1.0, maximum=900.0),
+        memory_budget_mb=f.get("memory_budget_mb", "float", 1536.0, minimum=64.0, maximum=10240.0),
+        slow_codec_max_mb=f.get("slow_codec_max_mb", "float", 8.0, minimum=0.0, maximum=512.0),
+    )
+    f.done()
+    return p
 
 
 def _parse_uplink(f: _Fields) -> UplinkPolicy:

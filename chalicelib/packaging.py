@@ -4,7 +4,8 @@ On `ModelApproved` (DESIGN.md steps 6-7):
 1. take `model.onnx` and `golden.json` out of the training artifact (`model.tar.gz`);
 2. upload the model (raw, the next training's champion and the base of later deltas)
    and the full artifact (zstd) under `releases/<model>/v<version>/`;
-3. for each of the last K released versions build a delta per codec, verify it by
+3. for each of the last K released versions build a delta per codec within the
+   model's time and memory budget (delta_budget.py), verify it by
    applying it and comparing SHA-256, and drop it unless smaller than the full
    artifact (bsdiff4 is always offered when it wins, so devices that know only the
    baseline still get a delta; a newer codec is offered beside it when smaller);
@@ -39,12 +40,7 @@ from urllib.parse import urlparse
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
-from mledge_update.codecs import (
-    SUPPORTED_CODECS,
-    apply_delta,
-    encode_full,
-    make_delta,
-)
+from mledge_update.codecs import encode_full
 from mledge_update.document import (
     Delta,
     FullModel,
@@ -55,13 +51,14 @@ from mledge_update.document import (
     presigned_url_placeholder,
     smoke_from_golden,
 )
-from mledge_update.errors import JobDocumentTooLargeError, PatchError, UpdateFormatError
+from mledge_update.errors import JobDocumentTooLargeError, UpdateFormatError
 from mledge_update.hashing import sha256_hex
 from mledge_update.naming import iot_job_id
 
 from chalicelib import layout, ota
 from chalicelib.aws import AwsClients, error_code
-from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.config import ModelConfig, PackagingConfig, PipelineConfig, UnknownModelError
+from chalicelib.delta_budget import BASELINE_CODEC, build_deltas
 from chalicelib.registry import (
     AlreadyReleasedError,
     Registry,
@@ -76,7 +73,6 @@ from chalicelib.state import StateStore
 
 logger = Logger(child=True)
 
-BASELINE_CODEC = "bsdiff4"
 FULL_ENCODING = "zstd"
 # The training artifact is small (a model plus two JSON files); refuse anything that
 # would make the Lambda read gigabytes into memory.
@@ -264,7 +260,9 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
 
     bases = [r for r in registry.release_history(model, model_config.delta_history + 1)
              if r.version != version][: model_config.delta_history]
-    deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases)
+    skipped: list[dict[str, Any]] = []
+    deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases,
+                           model_config.packaging, skipped)
 
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
@@ -310,6 +308,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         "deltas": released_deltas,
         "rollback": event.rollback,
         "manual": event.manual,
+        "deltas_skipped": skipped,
         "packaging_seconds": round(time.monotonic() - started, 3),
     }
     previous = _mark_released(event, registry, clients, job_id, release_info)
@@ -355,13 +354,16 @@ def _mark_released(event: ModelApproved, registry: Registry, clients: AwsClients
 
 
 def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, full_size: int,
-                  bases: list[VersionRecord]) -> list[Delta]:
-    """Verified deltas from each base that beat the full artifact.
+                  bases: list[VersionRecord], budget: PackagingConfig,
+                  skipped: list[dict[str, Any]]) -> list[Delta]:
+    """Verified deltas from each base that beat the full artifact, built within the
+    model's packaging budget (delta_budget.py); what was skipped and why goes to `skipped`.
 
     Per base: the bsdiff4 delta when it beats the full artifact, plus the smallest
     delta of any other codec when it beats both (devices choose the smallest they know).
     """
     deltas: list[Delta] = []
+    deadline = time.monotonic() + budget.time_budget_seconds
     for base in bases:
         base_sha = (base.release or {}).get("model_sha256")
         try:
@@ -375,17 +377,11 @@ def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, f
                            extra={"base": base.version})
             continue
         base_sha = sha256_hex(old)
-        built: dict[str, bytes] = {}
-        for codec in SUPPORTED_CODECS:
-            blob = make_delta(codec, old, new)
-            try:
-                apply_delta(codec, old, blob, expected_sha256=new_sha)
-            except PatchError as exc:
-                logger.error("delta failed verification; dropped",
-                             extra={"base": base.version, "codec": codec, "error": str(exc)})
-                continue
-            if len(blob) < full_size:
-                built[codec] = blob
+        result = build_deltas(old, new, new_sha, full_size, budget, deadline)
+        for codec, reason in result.skipped:
+            logger.info("delta not built", extra={"base": base.version, "codec": codec, "reason": reason})
+            skipped.append({"from_version": base.version, "codec": codec, "reason": reason})
+        built = result.built
         chosen: list[str] = []
         if BASELINE_CODEC in built:
             chosen.append(BASELINE_CODEC)

@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mledge_update import JobDocumentError, PatchError, UnknownCodecError
-from mledge_update.codecs import SUPPORTED_CODECS, apply_delta, decode_full
+from mledge_update.codecs import (
+    SUPPORTED_CODECS,
+    apply_delta,
+    apply_delta_file,
+    decode_full,
+    get_codec,
+)
 from mledge_update.document import Delta, FullModel, UpdateJob, parse_job_document
 from mledge_update.hashing import sha256_hex
 
@@ -221,9 +229,9 @@ class Updater:
         if local is not None:  # a rollback to the kept previous model: nothing to fetch
             return local.read_bytes(), "local", 0
         installed = self.store.state.current
-        base: bytes | None = None
+        base: Path | None = None
         if installed is not None and self.store.verify(installed):
-            base = self.store.path_of(installed).read_bytes()
+            base = self.store.path_of(installed)
         candidates = job.candidates(installed.sha256 if base is not None and installed else None,
                                     self.supported_codecs)
         if not candidates:
@@ -257,7 +265,7 @@ class Updater:
             try:
                 if isinstance(artifact, Delta):
                     assert base is not None
-                    new = apply_delta(artifact.codec, base, blob)
+                    new = self._apply_delta(artifact.codec, base, blob)
                 else:
                     new = decode_full(artifact.encoding, blob)
             except (PatchError, UnknownCodecError) as exc:
@@ -273,6 +281,21 @@ class Updater:
         if full_network_failure:  # the last resort could not be fetched: worth retrying
             raise UpdateFailed("download", reason)
         raise UpdateRejected("verify", reason)
+
+    def _apply_delta(self, codec: str, base: Path, blob: bytes) -> bytes:
+        """Codecs that stream (onnx-delta-2) patch from file to file, so the installed
+        model is never read whole beside the delta's working set; others run in memory."""
+        if get_codec(codec).apply_stream is None:
+            return apply_delta(codec, base.read_bytes(), blob)
+        delta_path = self.store.incoming_dir / f"delta-{os.getpid()}.part"
+        out_path = self.store.incoming_dir / f"patched-{os.getpid()}.part"
+        try:
+            delta_path.write_bytes(blob)
+            apply_delta_file(codec, base, delta_path, out_path)
+            return out_path.read_bytes()
+        finally:
+            delta_path.unlink(missing_ok=True)
+            out_path.unlink(missing_ok=True)
 
     def _url_provider(self, job: UpdateJob, artifact: FullModel | Delta,
                       refresh_document: DocumentRefresher | None):

@@ -10,6 +10,7 @@ from chalicelib.config import (
     AbortConfig,
     FeatureSchema,
     ModelConfig,
+    PackagingConfig,
     RolloutConfig,
     TimeoutConfig,
     TrainingConfig,
@@ -20,12 +21,12 @@ from tests.conftest import REPO
 
 DOC = (REPO / "docs" / "configuration.md").read_text()
 NOT_TOML_FIELDS = {"name"}  # the table's key, not a field inside it
-SUB_TABLES = {"schema", "training", "hyperparameters", "rollout", "abort", "timeout", "uplink"}
+SUB_TABLES = {"schema", "training", "hyperparameters", "rollout", "abort", "timeout", "uplink", "packaging"}
 
 
 def test_every_config_field_is_documented() -> None:
     for cls in (ModelConfig, FeatureSchema, TrainingConfig, RolloutConfig, AbortConfig,
-                TimeoutConfig, UplinkPolicy):
+                TimeoutConfig, UplinkPolicy, PackagingConfig):
         for f in dataclasses.fields(cls):
             if f.name in NOT_TOML_FIELDS:
                 continue

@@ -278,7 +278,8 @@ def make_release(server: ArtifactServer, version: int, model_bytes: bytes,
                  bases: list[tuple[int, bytes]] = (), *, encoding: str = "zstd",
                  smoke: Smoke | None = None, rollback: bool = False,
                  uplink: dict[str, Any] | None = None, corrupt_delta: bool = False,
-                 schema_features=VIBRATION_FEATURES, model: str = MODEL) -> Release:
+                 schema_features=VIBRATION_FEATURES, model: str = MODEL,
+                 codec: str = "bsdiff4") -> Release:
     """Put a release's artifacts on the server and return its UpdateJob."""
     names: dict[str, str] = {}
     full_blob = encode_full(encoding, model_bytes)
@@ -287,18 +288,18 @@ def make_release(server: ArtifactServer, version: int, model_bytes: bytes,
     names[sha256_hex(full_blob)] = full_name
     deltas = []
     for base_version, base_bytes in bases:
-        delta = make_delta("bsdiff4", base_bytes, model_bytes)
+        delta = make_delta(codec, base_bytes, model_bytes)
         digest = sha256_hex(delta)  # the document's hash of the intended delta
         if corrupt_delta:
             # A delta the server diffed against another base: hash matches the bytes,
             # but patching yields a model with the wrong hash (the Mender failure mode).
-            delta = make_delta("bsdiff4", base_bytes + b"\0", model_bytes + b"garbage")
+            delta = make_delta(codec, base_bytes + b"\0", model_bytes + b"garbage")
             digest = sha256_hex(delta)
-        name = f"v{version}/from-v{base_version}.bsdiff4"
+        name = f"v{version}/from-v{base_version}.{codec}"
         server.add(name, delta)
         names[digest] = name
         deltas.append(Delta(from_version=base_version, from_sha256=sha256_hex(base_bytes),
-                            codec="bsdiff4", size=len(delta), sha256=digest, url="placeholder"))
+                            codec=codec, size=len(delta), sha256=digest, url="placeholder"))
     if smoke is None:
         smoke = golden(model_bytes, training_rows(5, seed=11))
     job = UpdateJob(

@@ -80,6 +80,18 @@ def test_update_uses_the_delta_and_keeps_the_previous_model(tmp_path, artifacts,
     assert artifacts.requests_for("v2/model.onnx.zstd") == []
 
 
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_streaming_codec_patches_from_file_to_file(tmp_path, artifacts, models, corrupt):
+    updater = make_updater(tmp_path)
+    install(updater, artifacts, models, 1)
+    release = make_release(artifacts, 2, models[2], [(1, models[1])], codec="onnx-delta-2",
+                           corrupt_delta=corrupt)
+    result = run(updater, artifacts, release)
+    assert result.codec == ("full:zstd" if corrupt else "delta:onnx-delta-2:v1")
+    assert updater.handle.info.version == 2
+    assert list(updater.store.incoming_dir.iterdir()) == []  # no partial files left behind
+
+
 def test_corrupt_delta_falls_back_to_the_full_model(tmp_path, artifacts, models):
     updater = make_updater(tmp_path)
     install(updater, artifacts, models, 1)

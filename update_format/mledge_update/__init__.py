@@ -12,8 +12,9 @@ The contracts cloud, device, trainer and local stack share are defined here once
 - `mledge_update.naming`: training job names and tags, release IoT Job ids;
 - `mledge_update.events`: EventBridge sources and detail types.
 
-Pure Python plus bsdiff4 and zstandard (no numpy): it runs in Lambda and on devices,
-and the contract modules import neither (the trainer needs only them).
+Pure Python plus bsdiff4 and zstandard: it runs in Lambda and on devices, and the
+contract modules import neither (the trainer needs only them). `onnx-delta-2` also needs
+numpy (the `delta2` extra); without it that codec is simply not registered.
 """
 
 from .errors import (

@@ -11,9 +11,12 @@ Full-model encodings (`identity`, `zstd`) are how the whole new model is shipped
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import bsdiff4
 import zstandard
@@ -21,7 +24,7 @@ import zstandard
 from . import onnx_xor, zstd_patch
 from ._wire import MAX_OUTPUT_BYTES, zstd_decompress_checked
 from .errors import PatchError, UnknownCodecError
-from .hashing import sha256_hex
+from .hashing import sha256_file, sha256_hex
 
 # Larger outputs are refused rather than allocated: a corrupt length field must not
 # make a device try to allocate gigabytes.
@@ -36,6 +39,9 @@ class Codec:
     make: Callable[[bytes, bytes], bytes]
     apply: Callable[[bytes, bytes], bytes]
     description: str = ""
+    # (old file, delta file, output file): applies without holding the models in memory.
+    # Codecs without one are applied in memory by `apply_delta_file`.
+    apply_stream: Callable[[BinaryIO, BinaryIO, BinaryIO], None] | None = None
 
 
 _REGISTRY: dict[str, Codec] = {}
@@ -89,6 +95,46 @@ def apply_delta(
     return result
 
 
+def apply_delta_file(
+    codec: str,
+    old_path: str | os.PathLike[str],
+    delta_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    expected_sha256: str | None = None,
+) -> None:
+    """Apply a delta from file to file. Codecs with a streaming apply (`onnx-delta-2`)
+    read the old model by offset and write the new one front to back, so the process holds
+    a chunk, not the model; the others are applied in memory. The result is written to a
+    temporary file beside `out_path` and renamed into place only when it is verified:
+    on PatchError nothing is left at `out_path`."""
+    implementation = get_codec(codec)
+    out = Path(out_path)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        if implementation.apply_stream is None:
+            result = apply_delta(codec, Path(old_path).read_bytes(), Path(delta_path).read_bytes(),
+                                 expected_sha256=expected_sha256)
+            partial.write_bytes(result)
+        else:
+            with open(old_path, "rb") as old, open(delta_path, "rb") as delta, \
+                    open(partial, "wb") as sink:
+                try:
+                    implementation.apply_stream(old, delta, sink)
+                except PatchError:
+                    raise
+                except Exception as exc:
+                    raise PatchError(f"{codec}: cannot apply delta: {exc}") from exc
+            if expected_sha256 is not None:
+                actual = sha256_file(partial)
+                if actual != expected_sha256:
+                    raise PatchError(f"{codec}: patched model has sha256 {actual}, "
+                                     f"expected {expected_sha256}")
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 # --- bsdiff4: the baseline (plain BSDIFF40 format, readable by any bsdiff4 tool) ---------
 
 _BSDIFF_MAGIC = b"BSDIFF40"
@@ -128,6 +174,12 @@ register_codec(
 
 FULL_ENCODINGS: tuple[str, ...] = ("identity", "zstd")
 ZSTD_FULL_LEVEL = 19
+# Level 19 runs at ~1 MB/s; above this size the packager would spend minutes of its Lambda
+# on it for a percent or two (weights are near-random bytes that only entropy coding
+# shrinks, which every level does), so larger models use ZSTD_FULL_LARGE_LEVEL. Decoding
+# does not depend on the level.
+ZSTD_FULL_LEVEL_MAX_BYTES = 16 << 20
+ZSTD_FULL_LARGE_LEVEL = 9
 
 
 def encode_full(encoding: str, data: bytes) -> bytes:
@@ -135,8 +187,9 @@ def encode_full(encoding: str, data: bytes) -> bytes:
     if encoding == "identity":
         return bytes(data)
     if encoding == "zstd":
+        level = ZSTD_FULL_LEVEL if len(data) <= ZSTD_FULL_LEVEL_MAX_BYTES else ZSTD_FULL_LARGE_LEVEL
         compressor = zstandard.ZstdCompressor(
-            level=ZSTD_FULL_LEVEL, write_checksum=True, write_content_size=True
+            level=level, write_checksum=True, write_content_size=True
         )
         return compressor.compress(data)
     raise UnknownCodecError(f"unknown full-model encoding {encoding!r}; known: {list(FULL_ENCODINGS)}")
@@ -162,5 +215,14 @@ register_codec(
     Codec(onnx_xor.NAME, onnx_xor.make, onnx_xor.apply,
           "XOR of paired ONNX numeric arrays split into byte planes + zstd; rest by zstd-patch")
 )
+try:  # needs numpy (devices have it for onnxruntime; the Lambda bundle ships it)
+    from . import onnx_delta
+except ImportError:  # pragma: no cover - a build without numpy just does not offer it
+    onnx_delta = None  # type: ignore[assignment]
+if onnx_delta is not None:
+    register_codec(Codec(onnx_delta.NAME, onnx_delta.make, onnx_delta.apply,
+                         "model-aware: arrays paired by name (resized too), ULP/arithmetic/XOR/"
+                         "scaled/dictionary residual per array, tree arrays; streams on apply",
+                         apply_stream=onnx_delta.apply_stream))
 
 SUPPORTED_CODECS: tuple[str, ...] = registered_codecs()

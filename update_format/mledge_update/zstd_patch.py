@@ -1,5 +1,7 @@
 """`zstd-patch`: the new model compressed by zstd with the old model as a raw-content
-dictionary (what `zstd --patch-from` does), level 19, window spanning both files.
+dictionary (what `zstd --patch-from` does), level 19, window spanning both files; above
+16 MB of old + new the old model is referenced as a prefix at level 9 with long-distance
+matching (see `_wire.zstd_compress_patch`). The frame format, and so decoding, is the same.
 
 Fast to make (about 1% of bsdiff4's time where regions are unchanged), small where
 bytes repeat, and decoding needs only old + new in memory.
@@ -10,7 +12,7 @@ from __future__ import annotations
 from ._wire import (
     apply_envelope,
     write_envelope,
-    zstd_compress,
+    zstd_compress_patch,
     zstd_decompress_checked,
     zstd_decompressor,
 )
@@ -21,7 +23,7 @@ LEVEL = 19
 
 
 def make(old: bytes, new: bytes) -> bytes:
-    body = zstd_compress(new, level=LEVEL, dictionary=old, long_window=True)
+    body = zstd_compress_patch(new, old, level=LEVEL)
     return write_envelope(MAGIC, old, new, body)
 
 
