@@ -47,9 +47,17 @@ from chalicelib.model_events import (
     model_approved_detail,
     training_artifact_uri,
 )
-from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
+from chalicelib.registry import (
+    Registry,
+    Status,
+    TransitionError,
+    UnknownVersionError,
+    UnstorableValueError,
+    check_storable,
+)
 from chalicelib.settings import Settings
 from chalicelib.state import StateStore
+from chalicelib.untrusted import safe_repr
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +106,26 @@ class CompletionResult:
 # ---------------------------------------------------------------- parsing events
 
 
+def _detail(event: Any) -> dict[str, Any]:
+    detail = event.get("detail") if isinstance(event, dict) else None
+    return detail if isinstance(detail, dict) else {}
+
+
+def _string(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _reason_text(value: Any) -> str:
+    """A failure reason from an event: its text, or its JSON-ish repr, at most 1,024 chars."""
+    text = value if isinstance(value, str) else safe_repr(value)
+    return text[:1024]
+
+
 def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
                           backend: str = "sagemaker") -> JobStateChange:
-    detail = event.get("detail") or {}
-    job_name = str(detail.get("TrainingJobName", ""))
-    status = str(detail.get("TrainingJobStatus", ""))
+    detail = _detail(event)
+    job_name = _string(detail.get("TrainingJobName"))
+    status = _string(detail.get("TrainingJobStatus"))
     ident = identify_job(job_name, detail.get("Tags"), known_models)
     if status in SAGEMAKER_SUCCEEDED:
         state = "succeeded"
@@ -112,11 +135,14 @@ def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
         state = "running"
     reason = None
     if state == "failed":
-        reason = detail.get("FailureReason") or (
+        given = _reason_text(detail["FailureReason"]) if detail.get("FailureReason") else ""
+        reason = given or (
             "training job was stopped" if status == "Stopped" else "training job failed")
-        if status == "Stopped" and detail.get("FailureReason"):
-            reason = f"stopped: {detail['FailureReason']}"
-    artifact = (detail.get("ModelArtifacts") or {}).get("S3ModelArtifacts")
+        if status == "Stopped" and given:
+            reason = f"stopped: {given}"
+    artifacts = detail.get("ModelArtifacts")
+    artifact = artifacts.get("S3ModelArtifacts") if isinstance(artifacts, dict) else None
+    artifact = artifact if isinstance(artifact, str) and artifact else None
     return JobStateChange(
         backend=backend, job_name=job_name,
         model=ident[0] if ident else None, version=ident[1] if ident else None,
@@ -126,9 +152,9 @@ def parse_sagemaker_event(event: dict[str, Any], known_models: set[str], *,
 
 def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str) \
         -> JobStateChange:
-    detail = event.get("detail") or {}
-    job_name = str(detail.get("jobName", ""))
-    status = str(detail.get("status", ""))
+    detail = _detail(event)
+    job_name = _string(detail.get("jobName"))
+    status = _string(detail.get("status"))
     ident = identify_job(job_name, detail.get("tags"), known_models)
     if status in BATCH_SUCCEEDED:
         state = "succeeded"
@@ -150,15 +176,17 @@ def parse_batch_event(event: dict[str, Any], known_models: set[str], bucket: str
 def _batch_failure_reason(detail: dict[str, Any]) -> str:
     parts: list[str] = []
     if detail.get("statusReason"):
-        parts.append(str(detail["statusReason"]))
-    container = dict(detail.get("container") or {})
-    attempts = detail.get("attempts") or []
-    if attempts and isinstance(attempts[-1], dict):
-        container = {**(attempts[-1].get("container") or {}), **container}
+        parts.append(_reason_text(detail["statusReason"]))
+    container = detail.get("container")
+    container = dict(container) if isinstance(container, dict) else {}
+    attempts = detail.get("attempts")
+    if isinstance(attempts, list) and attempts and isinstance(attempts[-1], dict):
+        last = attempts[-1].get("container")
+        container = {**(last if isinstance(last, dict) else {}), **container}
     if container.get("reason"):
-        parts.append(str(container["reason"]))
+        parts.append(_reason_text(container["reason"]))
     if container.get("exitCode") not in (None, 0):
-        parts.append(f"exit code {container['exitCode']}")
+        parts.append(f"exit code {_reason_text(container['exitCode'])[:40]}")
     return "; ".join(dict.fromkeys(parts)) or "batch job failed"
 
 
@@ -216,8 +244,11 @@ def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
         raise ArtifactError(f"model artifact {artifact_uri} has no model.onnx")
     try:
         metrics = json.loads(metrics_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"metrics.json in {artifact_uri} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"metrics.json in {artifact_uri} is nested too deeply to parse") \
+            from None
     if not isinstance(metrics, dict):
         raise ArtifactError(f"metrics.json in {artifact_uri} is not a JSON object")
     expected_sha = (metrics.get("onnx") or {}).get("sha256") \
@@ -332,8 +363,13 @@ class CompletionHandler:
             return self._record_failure(change, f"model is not in the pipeline config: {exc}")
         try:
             metrics = read_metrics(self.s3, artifact)
+            check_storable(metrics, "metrics")
         except ArtifactError as exc:
             return self._record_failure(change, str(exc))
+        except UnstorableValueError as exc:
+            # Stored as is it would fail the write on every redelivery and hold the lock.
+            return self._record_failure(change, f"metrics.json cannot be stored in the "
+                                                f"registry: {exc}")
         released_version = self.registry.released_version(model)
         scored_against = self.registry.get(model, version).lineage.get("champion_version")
         decision = evaluate(model_config, metrics,
@@ -351,6 +387,12 @@ class CompletionHandler:
         except TransitionError:
             current = self.registry.get(model, version)
             return self._duplicate(model, version, current.status)
+        except ClientError as exc:
+            if error_code(exc) != "ValidationException":
+                raise  # throttling, outages: the event is redelivered
+            # DynamoDB refused the content itself: retrying cannot succeed.
+            return self._record_failure(change, f"the registry refused the gate result: "
+                                                f"{exc.response.get('Error', {}).get('Message')}")
         # An approval keeps the lock: packaging releases it once the release is done.
         released = False if decision.approved else self.state.release_training_lock(model,
                                                                                      version)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from mledge_update.families import FAMILIES, FAMILY_METRICS
+from mledge_update.naming import MODEL_NAME
 from mledge_update.uplink import BEFORE_MODEL_CHOICES, UplinkPolicy
 
 BACKENDS = ("sagemaker", "batch", "local")
 LABEL_MODES = ("none", "optional", "required")
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Used with fullmatch (`$` would also match before a trailing newline).
+FEATURE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 class ConfigError(Exception):
@@ -211,7 +212,7 @@ def parse_pipeline_config(raw: dict[str, Any], *, file: str = "pipeline.toml") -
 
 def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
     where = f"models.{name}"
-    if not MODEL_NAME.match(name):
+    if not MODEL_NAME.fullmatch(name):
         raise ConfigError(
             f"{file}: {where}: model names use lowercase letters, digits and '-' (max 63)"
         )
@@ -253,7 +254,7 @@ def _parse_schema(f: _Fields) -> FeatureSchema:
         sub.done()
         features = tuple(f"{prefix}{i}" for i in range(count))
     elif isinstance(features_raw, list) and features_raw:
-        if not all(isinstance(x, str) and FEATURE_NAME.match(x) for x in features_raw):
+        if not all(isinstance(x, str) and FEATURE_NAME.fullmatch(x) for x in features_raw):
             f.fail("features", "must be a list of identifiers like 'rms' or 'band_low'")
         if len(set(features_raw)) != len(features_raw):
             f.fail("features", "names must be unique")

@@ -32,6 +32,7 @@ from typing import Any
 from mledge_update.families import ANOMALY_FAMILIES
 
 from chalicelib.config import ModelConfig
+from chalicelib.untrusted import shown
 
 # Scores are floats: 0.95 + 0.005 is 0.9550000000000001, and a challenger scoring
 # 0.955 must not fail "0.9550 < 0.9550". Comparisons allow this much rounding.
@@ -87,10 +88,17 @@ def _score(section: Any, metric: str) -> float | None:
     """A finite float score from a metrics.json section, else None."""
     if not isinstance(section, dict):
         return None
-    value = section.get(metric)
+    return _finite(section.get(metric))
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else (huge integers included)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond the float range
+        return None
     return value if math.isfinite(value) else None
 
 
@@ -147,14 +155,14 @@ def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
     challenger = _score(metrics.get("challenger"), metric)
     if family is not None and family != model_config.family:
         checks.append(GateCheck("metrics", False,
-                                f"metrics.json is for family {family!r}, the model is "
+                                f"metrics.json is for family {shown(family)}, the model is "
                                 f"{model_config.family!r}: FAIL"))
     elif challenger is None:
         raw = (metrics.get("challenger") or {}).get(metric) \
             if isinstance(metrics.get("challenger"), dict) else None
-        shown = "missing" if raw is None else f"not a finite number ({raw!r})"
+        what = "missing" if raw is None else f"not a finite number ({shown(raw)})"
         checks.append(GateCheck("metrics", False,
-                                f"challenger {metric} is {shown} in metrics.json: FAIL"))
+                                f"challenger {metric} is {what} in metrics.json: FAIL"))
     else:
         checks.append(GateCheck("metrics", True,
                                 f"metrics.json has challenger {metric} for family "
@@ -207,15 +215,18 @@ def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
     else:
         ok = parity["passed"]
         details = []
-        if isinstance(parity.get("max_abs_diff"), int | float):
-            details.append(f"max_abs_diff {parity['max_abs_diff']:.3g}")
-        if isinstance(parity.get("label_agreement"), int | float):
-            details.append(f"label_agreement {parity['label_agreement']:.4f}")
-        if isinstance(parity.get("rows"), int):
-            details.append(f"{parity['rows']} rows")
-        shown = f" ({', '.join(details)})" if details else ""
+        max_abs_diff = _finite(parity.get("max_abs_diff"))
+        if max_abs_diff is not None:
+            details.append(f"max_abs_diff {max_abs_diff:.3g}")
+        label_agreement = _finite(parity.get("label_agreement"))
+        if label_agreement is not None:
+            details.append(f"label_agreement {label_agreement:.4f}")
+        rows = parity.get("rows")
+        if type(rows) is int and 0 <= rows < 10**15:
+            details.append(f"{rows} rows")
+        extra = f" ({', '.join(details)})" if details else ""
         checks.append(GateCheck("parity", ok,
-                                f"ONNX parity {'passed' if ok else 'failed'}{shown}: "
+                                f"ONNX parity {'passed' if ok else 'failed'}{extra}: "
                                 f"{_verdict(ok)}"))
 
     # 5. enough training records

@@ -33,8 +33,16 @@ from botocore.exceptions import ClientError
 from chalicelib import layout
 from chalicelib.aws import AwsClients
 from chalicelib.config import PipelineConfig
-from chalicelib.records import Reading, Rejection, Summary, classify_message
+from chalicelib.records import (
+    MAX_ARRIVAL_MS,
+    MAX_RECEIVED_AT_SKEW_MS,
+    Reading,
+    Rejection,
+    Summary,
+    classify_message,
+)
 from chalicelib.settings import Settings
+from chalicelib.untrusted import safe_repr
 
 INGEST_BATCH_SIZE = 1000
 """Messages per Lambda invocation (SQS allows up to 10,000 with a batching window)."""
@@ -53,6 +61,9 @@ _METRIC_FOR_KIND = {
     SUMMARY_KIND: "SummariesStored",
 }
 MAX_LOGGED_REASONS = 20
+MAX_FALLBACK_MS = MAX_ARRIVAL_MS - MAX_RECEIVED_AT_SKEW_MS
+"""The latest SentTimestamp taken as a record's arrival: any `received_at` it allows still
+names a partition date."""
 
 logger = Logger()
 
@@ -130,18 +141,42 @@ class EmfIngestMetrics:
                 logger.warning("ingest metrics not published", extra={"error": str(exc)})
 
 
-def messages_from_event(event: Mapping[str, Any]) -> list[SqsMessage]:
-    """The messages of a Lambda SQS event (AWS's shape: `Records[].messageId/body/attributes`)."""
+def messages_from_event(event: Any) -> list[SqsMessage]:
+    """The messages of a Lambda SQS event (AWS's shape: `Records[].messageId/body/attributes`).
+
+    One message per record, whatever the record holds, so that count in == count stored:
+    a record that is not an object becomes a message with that value as its body (which
+    classification quarantines), a message id that is not a string is replaced by its
+    repr, and a SentTimestamp that is not epoch milliseconds in the partitionable
+    range is ignored (the batch's clock is used). An event without a `Records` list
+    has no messages.
+    """
+    records = event.get("Records") if isinstance(event, Mapping) else None
+    if not isinstance(records, list):
+        return []
     messages = []
-    for record in event.get("Records", []):
-        sent = record.get("attributes", {}).get("SentTimestamp")
+    for record in records:
+        if not isinstance(record, Mapping):
+            messages.append(SqsMessage(message_id="", body=record))
+            continue
+        message_id = record.get("messageId", "")
+        attributes = record.get("attributes")
+        sent = attributes.get("SentTimestamp") if isinstance(attributes, Mapping) else None
         messages.append(SqsMessage(
-            message_id=str(record.get("messageId", "")),
+            message_id=message_id if isinstance(message_id, str) else _text(message_id),
             body=record.get("body"),
-            sent_timestamp_ms=int(sent) if isinstance(sent, str | int) and str(sent).isdigit()
-            else None,
+            sent_timestamp_ms=_epoch_ms(sent),
         ))
     return messages
+
+
+def _epoch_ms(value: Any) -> int | None:
+    """SQS's SentTimestamp (a string of ASCII digits) as an arrival a partition can name."""
+    text = str(value) if type(value) in (str, int) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 15):
+        return None
+    ms = int(text)
+    return ms if ms <= MAX_FALLBACK_MS else None
 
 
 def batch_id_for(messages: Iterable[SqsMessage]) -> str:
@@ -182,8 +217,11 @@ def ingest_messages(messages: Sequence[SqsMessage], *, s3: Any, bucket: str,
     groups: dict[tuple[str, str], list[str]] = {}
     first_arrival: dict[tuple[str, str], int] = {}
     for message in ordered:
-        fallback = message.sent_timestamp_ms if message.sent_timestamp_ms is not None else now_ms
-        outcome = classify_message(message.body, message.message_id, fallback, config)
+        fallback = message.sent_timestamp_ms
+        if fallback is None or not 0 <= fallback <= MAX_FALLBACK_MS:
+            fallback = now_ms
+        outcome = classify_message(message.body, message.message_id, fallback, config,
+                                   now_ms=now_ms)
         if type(outcome) is Reading:
             kind, counts = RAW_KIND, result.accepted
         elif type(outcome) is Summary:
@@ -247,4 +285,4 @@ def _put_once(s3: Any, bucket: str, kind: str, model: str, key: str, lines: Sequ
 
 
 def _text(body: Any) -> str:
-    return body if isinstance(body, str) else repr(body)
+    return body if isinstance(body, str) else safe_repr(body)

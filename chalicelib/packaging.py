@@ -59,6 +59,7 @@ from chalicelib import layout, ota
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PackagingConfig, PipelineConfig, UnknownModelError
 from chalicelib.delta_budget import BASELINE_CODEC, build_deltas
+from chalicelib.records import INT64_MAX
 from chalicelib.registry import (
     AlreadyReleasedError,
     Registry,
@@ -70,6 +71,7 @@ from chalicelib.registry import (
 )
 from chalicelib.settings import Settings
 from chalicelib.state import StateStore
+from chalicelib.untrusted import shown
 
 logger = Logger(child=True)
 
@@ -103,28 +105,48 @@ class ModelApproved:
     action gets its own job and a cancelled job's id is never reused."""
 
     @classmethod
-    def from_detail(cls, detail: dict[str, Any]) -> ModelApproved:
-        try:
-            model = str(detail["model"])
-            version = int(detail["version"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PackagingError(f"ModelApproved detail needs model and version: {exc}") from None
-        return cls(
-            model=model,
-            version=version,
-            artifact=detail.get("artifact") or None,
-            manual=bool(detail.get("manual", False)),
-            rollback=bool(detail.get("rollback", False)),
-            replaces=int(detail["replaces"]) if isinstance(detail.get("replaces"), int) else None,
-            attempt=str(detail["attempt"]) if detail.get("attempt") else None,
-        )
+    def from_detail(cls, detail: Any) -> ModelApproved:
+        """Parse an event detail; PackagingError names the first field that is wrong."""
+        if not isinstance(detail, dict):
+            raise PackagingError(f"ModelApproved detail must be an object, got "
+                                 f"{type(detail).__name__}")
+        model, version = detail.get("model"), detail.get("version")
+        if not isinstance(model, str) or not model:
+            raise PackagingError(f"ModelApproved detail needs model (a non-empty string), "
+                                 f"got {shown(model)}")
+        if type(version) is not int or not 1 <= version <= INT64_MAX:
+            raise PackagingError(f"ModelApproved detail needs version (a whole number >= 1), "
+                                 f"got {shown(version)}")
+        artifact = detail.get("artifact")
+        if artifact is not None and not isinstance(artifact, str):
+            raise PackagingError(f"ModelApproved artifact must be an s3:// URI, got "
+                                 f"{shown(artifact)}")
+        flags = {}
+        for name in ("manual", "rollback"):
+            value = detail.get(name, False)
+            if not isinstance(value, bool):
+                raise PackagingError(f"ModelApproved {name} must be true or false, got "
+                                     f"{shown(value)}")
+            flags[name] = value
+        replaces = detail.get("replaces")
+        if replaces is not None and type(replaces) is not int:
+            raise PackagingError(f"ModelApproved replaces must be a version number, got "
+                                 f"{shown(replaces)}")
+        attempt = detail.get("attempt")
+        if attempt is not None and (not isinstance(attempt, str) or not attempt
+                                    or len(attempt) > 32 or not attempt.isalnum()
+                                    or not attempt.isascii()):
+            raise PackagingError(f"ModelApproved attempt must be 1-32 letters and digits, got "
+                                 f"{shown(attempt)}")
+        return cls(model=model, version=version, artifact=artifact or None,
+                   replaces=replaces, attempt=attempt, **flags)
 
 
 @dataclass
 class ReleaseResult:
     model: str
     version: int
-    outcome: str  # released | skipped | failed
+    outcome: str  # released | skipped | failed | invalid
     reason: str = ""
     job_id: str | None = None
     manifest_key: str | None = None
@@ -154,8 +176,17 @@ def handle_model_approved(
     settings: Settings,
     config: PipelineConfig,
 ) -> ReleaseResult:
-    """Release the approved version named in a `ModelApproved` event's detail."""
-    event = ModelApproved.from_detail(detail)
+    """Release the approved version named in a `ModelApproved` event's detail.
+
+    A malformed detail is logged with its reason and dropped (outcome `invalid`):
+    EventBridge would only retry it unchanged.
+    """
+    try:
+        event = ModelApproved.from_detail(detail)
+    except PackagingError as exc:
+        logger.error("invalid ModelApproved dropped", extra={
+            "error": str(exc), "detail": shown(detail, 2000)})
+        return ReleaseResult("", 0, "invalid", f"invalid ModelApproved detail: {exc}")
     registry = Registry(settings.registry_table, clients.dynamodb)
     try:
         model_config = config.model(event.model)
@@ -455,8 +486,10 @@ def _untar(blob: bytes, uri: str) -> dict[str, bytes]:
 def _json_member(raw: bytes, name: str) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
         raise ArtifactError(f"{name} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ArtifactError(f"{name} is nested too deeply to parse") from None
     if not isinstance(value, dict):
         raise ArtifactError(f"{name} must hold a JSON object")
     return value

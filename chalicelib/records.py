@@ -17,10 +17,10 @@ import base64
 import hashlib
 import json
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
+from mledge_update.iot_jobs import THING_NAME
 from mledge_update.uplink import (
     INCLUSION_FIELD,
     REASON_FIELD,
@@ -29,10 +29,23 @@ from mledge_update.uplink import (
 )
 
 from chalicelib.config import FeatureSchema, PipelineConfig
+from chalicelib.untrusted import safe_repr, shown
 
 MAX_PAYLOAD_BYTES = 128 * 1024
 """IoT Core's MQTT payload limit; a larger body cannot be a genuine device message."""
 MAX_ID_CHARS = 128
+MAX_FLOAT = 1.7976931348623157e308
+"""Numbers beyond this (huge JSON integers) do not fit a float: not a timestamp or a score."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Labels and model versions must fit the trainer's int64 arrays."""
+MAX_RECEIVED_AT_SKEW_MS = 24 * 3600 * 1000
+"""How far `received_at` may lie after the ingest Lambda's clock (clock skew allowance);
+later cannot be IoT Core's arrival time, and a far-future one has no partition date."""
+MAX_ARRIVAL_MS = 253_402_300_799_999
+"""The last millisecond of 9999-12-31: the latest arrival a `dt=YYYY-MM-DD` partition can name."""
+MAX_SUMMARY_DEPTH = 32
+"""Summaries are stored as received; a device summary is flat, and re-encoding a value nested
+near Python's recursion limit would raise instead of storing."""
 QUARANTINE_BODY_CHARS = 4096
 """How much of an oversized body the quarantine line keeps (its sha256 covers all of it)."""
 UNKNOWN_MODEL = "_unknown"
@@ -40,8 +53,6 @@ UNKNOWN_MODEL = "_unknown"
 TELEMETRY = "telemetry"
 SUMMARY = "summary"
 
-# IoT thing names: https://docs.aws.amazon.com/iot/latest/apireference/API_CreateThing.html
-THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 _NUMBER_TYPES = frozenset((int, float))
 _REPLACEMENT_CHAR = "\ufffd"
 # One reusable encoder: strict JSON (no NaN) and compact lines.
@@ -85,15 +96,22 @@ Outcome = Reading | Summary | Rejection
 
 
 def classify_message(body: Any, message_id: str, fallback_arrival_ms: int,
-                     config: PipelineConfig) -> Outcome:
+                     config: PipelineConfig, *, now_ms: int | None = None) -> Outcome:
     """Validate one SQS message body and say where it goes.
 
     `fallback_arrival_ms` is used for the partition (and the normalised
     `received_at`) when the body carries no `received_at`: the caller passes the
-    SQS `SentTimestamp`, which is the same on every redelivery of the message.
+    SQS `SentTimestamp`, which is the same on every redelivery of the message. It
+    must lie in [0, MAX_ARRIVAL_MS - MAX_RECEIVED_AT_SKEW_MS] (`ingest` makes sure).
+    A `received_at` later than `now_ms` (default: the fallback) plus
+    MAX_RECEIVED_AT_SKEW_MS is rejected.
+
+    Never raises for any `body`: deep nesting, numbers that fit no float and any
+    character end in a Rejection with the reason.
     """
     if not isinstance(body, str):
-        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, repr(body).encode(),
+        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id,
+                       safe_repr(body).encode("utf-8", "backslashreplace"),
                        f"body: must be a string, got {type(body).__name__}")
     if body.isascii():  # O(1) in CPython: the common case needs no encoding or scan
         size = len(body)
@@ -123,6 +141,9 @@ def classify_message(body: Any, message_id: str, fallback_arrival_ms: int,
     except ValueError as exc:
         return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, body,
                        f"body: not JSON ({exc})")
+    except RecursionError:  # the C decoder gives up near Python's recursion limit (~1,000)
+        return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, body,
+                       "body: JSON nested too deeply to parse")
     if not isinstance(obj, dict):
         return _reject(UNKNOWN_MODEL, fallback_arrival_ms, message_id, body,
                        f"body: must be a JSON object, got {_json_type(obj)}")
@@ -138,13 +159,16 @@ def classify_message(body: Any, message_id: str, fallback_arrival_ms: int,
                 raise RecordError("model: missing (the IoT rule adds it from the topic)")
             known = ", ".join(sorted(config.models))
             raise RecordError(f"model: unknown model {_show(model_name)} (configured: {known})")
-        arrival_ms = _received_at(obj, fallback_arrival_ms)
+        arrival_ms = _received_at(obj, fallback_arrival_ms,
+                                  fallback_arrival_ms if now_ms is None else now_ms)
         kind = obj.get("type")
         thing = obj.get("thing")
-        if not isinstance(thing, str) or not THING_NAME.match(thing):
+        if not isinstance(thing, str) or not THING_NAME.fullmatch(thing):
             raise RecordError(f"thing: must be an IoT thing name (1-128 of a-z A-Z 0-9 : _ -), "
                               f"got {_show(thing)}")
         if kind == SUMMARY:
+            if _deeper_than(obj, MAX_SUMMARY_DEPTH):
+                raise RecordError(f"summary: nested deeper than {MAX_SUMMARY_DEPTH} levels")
             return Summary(folder, arrival_ms, _ENCODE(obj))
         if kind != TELEMETRY:
             raise RecordError(f"type: unknown type {_show(kind)} (expected "
@@ -168,7 +192,7 @@ def normalise_reading(obj: dict[str, Any], model: str, schema: FeatureSchema, th
         raise RecordError(f"id: must be a non-empty string of at most {MAX_ID_CHARS} "
                           f"characters, got {_show(record_id)}")
     ts = obj["ts"]
-    if type(ts) not in _NUMBER_TYPES or not math.isfinite(ts):
+    if not _finite(ts):
         raise RecordError(f"ts: must be epoch seconds (a finite number), got {_show(ts)}")
     features = _features(obj["features"], schema)
     out: dict[str, Any] = {"id": record_id, "thing": thing, "model": model, "ts": ts,
@@ -187,10 +211,10 @@ def normalise_reading(obj: dict[str, Any], model: str, schema: FeatureSchema, th
     # Device-side diagnostics are kept when well-typed and dropped otherwise: a NaN
     # score from a misbehaving model must not cost us the reading itself.
     version = obj.get("model_version")
-    if type(version) is int and version >= 0:
+    if type(version) is int and 0 <= version <= INT64_MAX:
         out["model_version"] = version
     score = obj.get("score")
-    if type(score) in _NUMBER_TYPES and math.isfinite(cast(float, score)):
+    if _finite(score):
         out["score"] = score
     anomaly = obj.get("anomaly")
     if type(anomaly) is bool:
@@ -239,27 +263,54 @@ def _label(raw: Any, schema: FeatureSchema, model: str, *, present: bool) -> int
     if schema.label == "none":
         raise RecordError(f"label: model '{model}' takes no label (schema label = 'none'), "
                           f"got {_show(raw)}")
-    if type(raw) is not int:
-        raise RecordError(f"label: must be a whole number, got {_show(raw)}")
+    if type(raw) is not int or not INT64_MIN <= raw <= INT64_MAX:
+        raise RecordError(f"label: must be a whole number in the int64 range, got {_show(raw)}")
     if schema.label_values is not None and raw not in schema.label_values:
         allowed = ", ".join(map(str, schema.label_values))
         raise RecordError(f"label: {raw} is not one of the model's label_values ({allowed})")
     return raw
 
 
-def _received_at(obj: dict[str, Any], fallback_ms: int) -> int:
+def _received_at(obj: dict[str, Any], fallback_ms: int, now_ms: int) -> int:
     value = obj.get("received_at")
     if value is None:
         return fallback_ms
-    if type(value) not in _NUMBER_TYPES or not math.isfinite(value) or value < 0:
+    if not _finite(value) or value < 0:
         raise RecordError(f"received_at: must be epoch milliseconds (the IoT rule's "
                           f"timestamp()), got {_show(value)}")
+    latest = min(max(now_ms, fallback_ms) + MAX_RECEIVED_AT_SKEW_MS, MAX_ARRIVAL_MS)
+    if value > latest:
+        raise RecordError(f"received_at: {_show(value)} is more than 24 h in the future (now "
+                          f"{now_ms}); it cannot be the IoT rule's arrival time")
     return int(value)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not a boolean) that is finite and fits a float (huge integers do not)."""
+    kind = type(value)
+    if kind is float:
+        return math.isfinite(value)
+    return kind is int and -MAX_FLOAT <= value <= MAX_FLOAT
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels (iterative: no recursion to overflow)."""
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _check_unicode(obj: Any) -> None:
     """JSON `\\ud800`-style escapes decode to lone surrogates that no UTF-8 writer accepts."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=True)
+    try:
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=True)
+    except RecursionError:
+        raise RecordError("body: JSON nested too deeply to check") from None
     if _REPLACEMENT_CHAR in text:
         raise RecordError("body: contains an escaped U+FFFD replacement character (bytes "
                           "that were not UTF-8 were replaced upstream)")
@@ -274,7 +325,7 @@ def _claimed_model(body: str, config: PipelineConfig) -> str:
     """The quarantine folder for a body rejected before parsing: its model if it names one."""
     try:
         name = json.loads(body).get("model")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return UNKNOWN_MODEL
     return name if isinstance(name, str) and name in config.models else UNKNOWN_MODEL
 
@@ -328,5 +379,4 @@ def _show(value: Any) -> str:
         return f"{str(value).lower()} (booleans are not numbers)"
     if isinstance(value, dict | list):
         return _json_type(value)
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shown(value)

@@ -22,6 +22,8 @@ store, are kept as the strings ``"nan"``, ``"inf"``, ``"-inf"``.
 
 from __future__ import annotations
 
+import decimal
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+from boto3.dynamodb.types import DYNAMODB_CONTEXT, TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
@@ -86,6 +88,10 @@ class AlreadyReleasedError(TransitionError):
 
 class VersionExistsError(ConflictError):
     """create_training for a version that already has a registry item."""
+
+
+class UnstorableValueError(RegistryError, ValueError):
+    """A value DynamoDB (or boto3's serializer) cannot store; the message names where."""
 
 
 def now_iso() -> str:
@@ -176,6 +182,75 @@ def from_dynamo(value: Any) -> Any:
     if isinstance(value, list | set):
         return [from_dynamo(v) for v in value]
     return value
+
+
+_NUMBER_CONTEXT = DYNAMODB_CONTEXT
+"""boto3's decimal context for DynamoDB numbers: what it refuses, its serializer refuses."""
+MAX_NESTING = 32
+"""DynamoDB stores lists and maps nested at most 32 levels deep."""
+MAX_STORED_JSON_BYTES = 100 * 1024
+"""Largest value (as compact JSON) stored beside a status: an item is at most 400 KB, and the
+history and the other fields need room."""
+
+
+def check_storable(value: Any, what: str) -> None:
+    """Raise UnstorableValueError naming the first part of `value` the registry cannot store.
+
+    Outside input (a training job's metrics.json) reaches the registry; DynamoDB refuses
+    numbers beyond 38 significant digits or outside 1e-130 .. 1e126 in magnitude (boto3
+    checks with its DYNAMODB_CONTEXT), nesting deeper than 32 levels, empty map keys,
+    strings that are not valid Unicode (lone surrogates) and items over 400 KB.
+    NaN and infinities are fine: `to_dynamo` stores them as strings.
+    """
+    stack: list[tuple[Any, str, int]] = [(value, what, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, bool) or item is None:
+            continue
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif isinstance(item, int | float | Decimal):
+            _check_number(item, path)
+        elif isinstance(item, Mapping | list | tuple):
+            if depth >= MAX_NESTING:
+                raise UnstorableValueError(f"{path}: nested deeper than {MAX_NESTING} levels")
+            if isinstance(item, Mapping):
+                for key, child in item.items():
+                    if not isinstance(key, str) or not key:
+                        raise UnstorableValueError(f"{path}: empty or non-string key {key!r}")
+                    _check_text(key, f"{path} key")
+                    stack.append((child, f"{path}.{key}", depth + 1))
+            else:
+                stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+        elif not isinstance(item, StrEnum):
+            raise UnstorableValueError(f"{path}: a {type(item).__name__} is not storable")
+    size = len(json.dumps(to_dynamo(value), default=str, ensure_ascii=False)
+               .encode("utf-8", "surrogatepass"))
+    if size > MAX_STORED_JSON_BYTES:
+        raise UnstorableValueError(f"{what}: {size:,} bytes as JSON, over the "
+                                   f"{MAX_STORED_JSON_BYTES:,} the registry keeps")
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnstorableValueError(f"{path}: not valid Unicode (lone surrogate "
+                                   f"U+{ord(text[exc.start]):04X})") from None
+
+
+def _check_number(number: float | Decimal, path: str) -> None:
+    if isinstance(number, float) and not math.isfinite(number):
+        return
+    try:
+        _NUMBER_CONTEXT.create_decimal(
+            Decimal(repr(number)) if isinstance(number, float) else number)
+    except decimal.DecimalException:
+        shown = repr(number) if not isinstance(number, int) or abs(number) < 10**40 else (
+            f"an integer of about {int(number.bit_length() * math.log10(2)) + 1} digits")
+        raise UnstorableValueError(
+            f"{path}: {shown} is outside what DynamoDB stores (38 significant digits, "
+            f"magnitude 1e-130 to 1e126)") from None
 
 
 _SERIALIZER = TypeSerializer()

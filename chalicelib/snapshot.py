@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -66,6 +67,10 @@ class DatasetSnapshot:
         return {"objects": len(self.objects), "records": self.records, "bytes": self.size}
 
 
+class UnreadableObjectError(ValueError):
+    """A raw object whose records cannot be counted (corrupt gzip): retrying will not help."""
+
+
 def is_raw_data_key(key: str) -> bool:
     return key.startswith(f"{layout.RAW}/") and key.endswith(RAW_SUFFIXES)
 
@@ -82,7 +87,11 @@ def count_records(s3: Any, bucket: str, key: str, metadata: dict[str, str] | Non
             pass  # a bad value: count the lines instead
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     if key.endswith(".gz"):
-        body = gzip.decompress(body)
+        try:
+            body = gzip.decompress(body)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UnreadableObjectError(f"s3://{bucket}/{key} is not readable gzip: {exc}") \
+                from None
     return sum(1 for line in body.splitlines() if line.strip())
 
 

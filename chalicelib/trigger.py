@@ -44,8 +44,15 @@ from chalicelib.backends import (
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
 from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
 from chalicelib.settings import Settings
-from chalicelib.snapshot import count_records, has_raw_data, is_raw_data_key, write_snapshot
+from chalicelib.snapshot import (
+    UnreadableObjectError,
+    count_records,
+    has_raw_data,
+    is_raw_data_key,
+    write_snapshot,
+)
 from chalicelib.state import StateStore
+from chalicelib.untrusted import shown
 
 __all__ = [
     "NoDataError",
@@ -138,31 +145,57 @@ class TriggerReport:
 # ------------------------------------------------------------------ event parsing
 
 
-def iter_s3_records(event: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def iter_s3_records(event: Any) -> Iterator[dict[str, Any]]:
     """S3 event records from an SQS event (body = S3 event, or SNS-wrapped) or a direct S3 event.
 
-    S3's `s3:TestEvent` (sent when a notification is configured) and bodies
-    that are not JSON are skipped with a log line: a bad message must not fail
-    the whole SQS batch.
+    S3's `s3:TestEvent` (sent when a notification is configured), bodies that are not
+    JSON (or nest too deeply to parse) and records that are not objects are skipped
+    with a log line: a bad message must not fail the whole SQS batch.
     """
-    for record in event.get("Records") or []:
+    records = event.get("Records") if isinstance(event, Mapping) else None
+    for record in records if isinstance(records, list) else []:
+        if not isinstance(record, Mapping):
+            log.warning("raw-events: skipping a record that is not an object")
+            continue
         if "body" in record:  # SQS
-            try:
-                body = json.loads(record["body"])
-            except (TypeError, json.JSONDecodeError):
-                log.warning("raw-events: skipping a non-JSON SQS message %s",
-                            record.get("messageId"))
-                continue
+            body = _json_or_none(record["body"])
             if isinstance(body, dict) and body.get("Type") == "Notification" and "Message" in body:
-                try:
-                    body = json.loads(body["Message"])  # S3 -> SNS -> SQS
-                except (TypeError, json.JSONDecodeError):
-                    continue
-            if not isinstance(body, dict) or body.get("Event") == "s3:TestEvent":
+                body = _json_or_none(body["Message"])  # S3 -> SNS -> SQS
+            if not isinstance(body, dict):
+                log.warning("raw-events: skipping SQS message %s: not a JSON S3 event",
+                            shown(record.get("messageId")))
                 continue
-            yield from (r for r in body.get("Records") or [] if isinstance(r, dict))
+            if body.get("Event") == "s3:TestEvent":
+                continue
+            inner = body.get("Records")
+            yield from (r for r in (inner if isinstance(inner, list) else [])
+                        if isinstance(r, dict))
         elif record.get("eventSource") == "aws:s3" or "s3" in record:
-            yield record
+            yield dict(record)
+
+
+def _json_or_none(text: Any) -> Any:
+    if not isinstance(text, str | bytes):
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+
+def _field(section: Any, name: str) -> str:
+    """A string field of an event section; "" when the section or the field is something else."""
+    value = section.get(name) if isinstance(section, Mapping) else None
+    return value if isinstance(value, str) else ""
+
+
+def _valid_key(key: str) -> bool:
+    """S3 keys are 1-1,024 bytes of UTF-8 (no lone surrogates), so nothing else is looked up."""
+    try:
+        return 0 < len(key.encode("utf-8")) <= 1024
+    except UnicodeEncodeError:
+        return False
 
 
 def s3_event_id(bucket: str, key: str) -> str:
@@ -291,12 +324,16 @@ class Trigger:
 
     def _count_record(self, record: Mapping[str, Any], report: TriggerReport,
                       totals: dict[str, int]) -> None:
-        name = str(record.get("eventName", ""))
-        s3 = record.get("s3") or {}
-        bucket = (s3.get("bucket") or {}).get("name", "")
-        key = unquote_plus((s3.get("object") or {}).get("key", ""))
+        name = _field(record, "eventName")
+        s3 = record.get("s3")
+        s3 = s3 if isinstance(s3, Mapping) else {}
+        bucket = _field(s3.get("bucket"), "name")
+        key = unquote_plus(_field(s3.get("object"), "key"))
         if not name.startswith("ObjectCreated"):
-            report.ignored.append(f"{name or 'no eventName'}: {key}")
+            report.ignored.append(f"{shown(name) if name else 'no eventName'}: {shown(key)}")
+            return
+        if not _valid_key(key):
+            report.ignored.append(f"not an S3 object key: {shown(key)}")
             return
         if bucket != self.settings.bucket:
             report.ignored.append(f"bucket {bucket!r} is not the stage's: {key}")
@@ -310,6 +347,9 @@ class Trigger:
             return
         try:
             records = count_records(self.clients.s3, bucket, key)
+        except UnreadableObjectError as exc:
+            report.ignored.append(f"unreadable raw object: {exc}")
+            return
         except Exception as exc:
             code = error_code(exc)
             if code in ("404", "NoSuchKey", "NotFound"):

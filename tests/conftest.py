@@ -6,6 +6,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+
+# Property tests (tests/*/test_fuzz_*.py) run a moderate number of examples so the suite
+# stays fast; `HYPOTHESIS_PROFILE=fuzz` runs many more when hunting for new failures.
+# deadline=None: timing varies on a shared machine and is not what these tests check.
+hypothesis_settings.register_profile(
+    "default", max_examples=60, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+hypothesis_settings.register_profile(
+    "fuzz", max_examples=2000, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 REPO = Path(__file__).resolve().parents[1]
 PART_PATHS = [REPO, REPO / "update_format", REPO / "edge", REPO / "training_image", REPO / "devstack"]
 

@@ -13,6 +13,10 @@ What it does (AWS IoT Jobs semantics, checked against the developer guide):
 - answers `start-next`, `get` (pending list), `<jobId>/get` (also `$next`) and
   `<jobId>/update` on `.../accepted` / `.../rejected` with AWS's payloads;
   `expectedVersion` conflicts are rejected with `VersionMismatch`;
+- validates requests as AWS documents them (`mledge_update.iot_jobs`): statusDetails
+  (at most 10 entries, key and value patterns and lengths), `expectedVersion` and
+  `executionNumber` (integers), `stepTimeoutInMinutes` (-1 or 1-10,080), the include
+  flags (booleans); anything else is answered `InvalidRequest` and changes nothing;
 - publishes `notify-next` whenever a thing's next pending execution changes;
 - resolves `${aws:iot:s3-presigned-url:...}` placeholders when it hands out a
   job document;
@@ -44,6 +48,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from mledge_update.iot_jobs import (
+    InvalidJobsRequestError,
+    check_bool,
+    check_long,
+    check_status_details,
+    check_step_timeout,
+)
 from mledge_update.topics import JOBS_REQUEST_FILTERS, jobs_topic_root
 
 log = logging.getLogger(__name__)
@@ -62,7 +73,6 @@ REQUEST_TOPIC = re.compile(
 )
 # The request filters the bridge subscribes to (precise, so it never hears its own replies).
 REQUEST_FILTERS = JOBS_REQUEST_FILTERS
-MAX_STATUS_DETAILS = 10
 
 Presigner = Callable[[str, str, int], str]  # (bucket, key, expires_in_seconds) -> URL
 
@@ -429,12 +439,18 @@ class JobsEngine:
             try:
                 try:
                     request = json.loads(payload or b"{}")
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                except ValueError as exc:  # not UTF-8, not JSON, a number past the digit limit
                     raise JobsRejectedError("InvalidJson", f"payload is not JSON: {exc}") from None
+                except RecursionError:
+                    raise JobsRejectedError("InvalidJson", "payload nests too deeply") from None
                 if not isinstance(request, dict):
                     request = {}
                     raise JobsRejectedError("InvalidJson", "payload must be a JSON object")
                 early = self.sync()  # a job created a moment ago is visible at once
+                try:
+                    self._check_request(request)
+                except InvalidJobsRequestError as exc:
+                    raise JobsRejectedError("InvalidRequest", str(exc)) from None
                 if match.group("start"):
                     body = self._start_next(thing, request, now)
                 elif match.group("pending"):
@@ -452,6 +468,21 @@ class JobsEngine:
             for job in list(self.backend.jobs.values()):
                 self._refresh_job(job, now)
             return [*early, reply, *self._notify_changes(now)]
+
+    @staticmethod
+    def _check_request(request: dict[str, Any]) -> None:
+        """Every field AWS validates, before anything changes (a rejected request changes nothing)."""
+        # JSON null is an absent field, as in AWS's JSON protocol.
+        if request.get("statusDetails") is not None:
+            check_status_details(request["statusDetails"])
+        for name in ("expectedVersion", "executionNumber"):
+            if request.get(name) is not None:
+                check_long(request[name], name)
+        if request.get("stepTimeoutInMinutes") is not None:
+            check_step_timeout(request["stepTimeoutInMinutes"])
+        for name in ("includeJobExecutionState", "includeJobDocument"):
+            if request.get(name) is not None:
+                check_bool(request[name], name)
 
     @staticmethod
     def _stamp(body: dict[str, Any], request: dict[str, Any], now: float) -> dict[str, Any]:
@@ -477,30 +508,17 @@ class JobsEngine:
                                     f"job {job_id} has no execution number {number} for {thing}")
         return job_id
 
-    def _step_timeout(self, meta: _Meta, request: dict[str, Any], now: float) -> None:
-        minutes = request.get("stepTimeoutInMinutes")
+    @staticmethod
+    def _step_timeout(meta: _Meta, request: dict[str, Any], now: float) -> None:
+        minutes = request.get("stepTimeoutInMinutes")  # checked by _check_request
         if minutes is None:
             return
-        if not isinstance(minutes, int) or isinstance(minutes, bool) or not (
-                minutes == -1 or 1 <= minutes <= 10080):
-            raise JobsRejectedError("InvalidRequest",
-                                    "stepTimeoutInMinutes must be -1 or 1 to 10080")
         meta.step_deadline = None if minutes == -1 else now + minutes * 60
 
     @staticmethod
     def _status_details(request: dict[str, Any]) -> dict[str, str] | None:
-        details = request.get("statusDetails")
-        if details is None:
-            return None
-        if not isinstance(details, dict) or len(details) > MAX_STATUS_DETAILS:
-            raise JobsRejectedError("InvalidRequest",
-                                    "statusDetails must be an object of at most 10 entries")
-        for key, value in details.items():
-            if not isinstance(value, str) or len(key) > 128 or len(value) > 1024:
-                raise JobsRejectedError(
-                    "InvalidRequest",
-                    f"statusDetails.{key}: keys up to 128 chars, string values up to 1024 chars")
-        return dict(details)
+        details = request.get("statusDetails")  # checked by _check_request
+        return None if details is None else dict(details)
 
     def _start_next(self, thing: str, request: dict[str, Any], now: float) -> dict[str, Any]:
         details = self._status_details(request)
@@ -550,7 +568,7 @@ class JobsEngine:
                 "InvalidRequest", f"status must be one of {', '.join(DEVICE_SETTABLE)}, got {status!r}")
         details = self._status_details(request)
         expected = request.get("expectedVersion")
-        if expected is not None and int(expected) != ex.version_number:
+        if expected is not None and expected != ex.version_number:
             raise JobsRejectedError(
                 "VersionMismatch",
                 f"expectedVersion {expected} but the execution is at version {ex.version_number}",

@@ -223,9 +223,15 @@ class Agent:
     def _finish(self, jobs: JobsClient, job_id: str, status: str, details: dict[str, str]) -> None:
         self._record_job(job_id, status, details.get("reason", ""))
         try:
-            jobs.update(job_id, status, details)
+            reply = jobs.update(job_id, status, details)
         except JobCanceledError as exc:
             log.warning("could not report %s for %s: %s", status, job_id, exc)
+            return
+        if not reply.accepted:
+            # update() already retried with sanitized and with no statusDetails; the job's
+            # step and in-progress timeouts end the execution if IoT Jobs never takes it.
+            log.error("IoT Jobs refused %s for %s: %s %s", status, job_id, reply.code,
+                      reply.message)
 
     def _record_job(self, job_id: str, status: str, detail: str) -> None:
         with self._stats_lock:

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from mledge_update.document import MODEL_NAME
+from mledge_update.iot_jobs import THING_NAME
 
 
 class ConfigError(ValueError):
@@ -37,10 +43,18 @@ class AgentConfig:
     log_level: str = "INFO"
 
     def validate(self) -> AgentConfig:
+        """Check every field's type and range; ConfigError names the first bad one."""
+        _check_types(self)
         if not self.thing:
             raise ConfigError("thing is required (--thing or \"thing\" in the config file)")
+        if not THING_NAME.fullmatch(self.thing):
+            # the MQTT client id and a topic segment: AWS's thing-name pattern
+            raise ConfigError(f"thing must be 1-128 of a-z A-Z 0-9 : _ -, got {self.thing!r:.80}")
         if not self.model:
             raise ConfigError("model is required (--model or \"model\" in the config file)")
+        if not MODEL_NAME.fullmatch(self.model):
+            raise ConfigError(f"model must be lower-case letters, digits and '-' (a topic "
+                              f"segment), got {self.model!r:.80}")
         if self.sensor not in ("vibration", "digits", "none"):
             raise ConfigError(f"sensor must be vibration, digits or none, got {self.sensor!r}")
         if not self.insecure_no_tls and bool(self.cert) != bool(self.key):
@@ -51,6 +65,16 @@ class AgentConfig:
             raise ConfigError("fault_rate must be within [0, 1]")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range")
+        for name in ("stats_interval", "request_timeout", "download_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0")
+        if self.duration is not None and self.duration < 0:
+            raise ConfigError("duration must be >= 0")
+        if self.session_threads < 1 or self.download_retries < 0:
+            raise ConfigError("session_threads must be >= 1 and download_retries >= 0")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got "
+                              f"{self.log_level!r:.40}")
         return self
 
     @property
@@ -63,7 +87,10 @@ class AgentConfig:
         return asdict(self)
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> AgentConfig:
+    def from_mapping(cls, values: Any) -> AgentConfig:
+        """Fields from a mapping (unchecked until `validate`); ConfigError for unknown names."""
+        if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+            raise ConfigError("the config must be a JSON object of field names")
         names = {f.name for f in fields(cls)}
         normalised = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(normalised) - names)
@@ -77,9 +104,43 @@ class AgentConfig:
             values = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"cannot read config file {path}: nested too deeply") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_mapping(values)
+
+
+def _check_types(config: AgentConfig) -> None:
+    """Each field holds its declared type: str, int (not bool), finite float (or int), bool,
+    or None where the field is optional."""
+    hints = typing.get_type_hints(AgentConfig)
+    for f in fields(AgentConfig):
+        value = getattr(config, f.name)
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if value is None and type(None) in allowed:
+            continue
+        if bool in allowed:
+            ok = isinstance(value, bool)
+        elif int in allowed:
+            ok = type(value) is int
+        elif float in allowed:
+            # an int must fit a float too (math.isfinite(10**400) raises OverflowError)
+            ok = (type(value) is float and math.isfinite(value)) or (
+                type(value) is int and abs(value) <= sys.float_info.max)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"{f.name} must be {kinds}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"a {type(value).__name__}"
+    return text[:80]
 
 
 def build_parser() -> argparse.ArgumentParser:

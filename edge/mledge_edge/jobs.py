@@ -5,7 +5,14 @@ Topics (all under `$aws/things/<thing>/jobs/`): the device subscribes to
 `<jobId>/update` and `<jobId>/get`; it publishes `start-next` when it connects
 or reconnects (offline catch-up) and whenever `notify-next` says the next job
 changed, then runs the job and publishes `<jobId>/update` with `status`,
-`statusDetails` (<= 10 string values) and `expectedVersion`.
+`statusDetails` and `expectedVersion`.
+
+Replies come from outside: a reply that is not a JSON object, or an execution
+without a valid job id, is logged and dropped (a request waiting for it times out);
+fields of the wrong type are treated as absent. Updates carry statusDetails that
+meet AWS's rules (`mledge_update.iot_jobs`); if IoT Jobs still answers
+`InvalidRequest`, the update is sent again with printable-ASCII details, then with
+none, so a final status always gets through.
 
 Threading: SDK callbacks only parse the reply and complete a waiting request or
 enqueue an event. One worker thread runs start-next and the job itself (long:
@@ -26,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mledge_update.iot_jobs import JOB_ID, LONG_MAX, ascii_details
 from mledge_update.topics import jobs_topic_root
 
 from .mqtt import MqttLink
@@ -44,6 +52,15 @@ class JobCanceledError(Exception):
     """The job execution can no longer be updated (canceled, removed, already terminal)."""
 
 
+class JobReplyError(ValueError):
+    """A reply from IoT Jobs that does not describe a job execution (no valid job id)."""
+
+
+def _version(value: Any) -> int | None:
+    """versionNumber / executionNumber: a non-negative integer, else unknown."""
+    return value if type(value) is int and 0 <= value <= LONG_MAX else None
+
+
 @dataclass
 class JobExecution:
     job_id: str
@@ -54,14 +71,29 @@ class JobExecution:
     status_details: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_reply(cls, execution: dict[str, Any]) -> JobExecution:
+    def from_reply(cls, execution: Any) -> JobExecution:
+        """Parse a reply's `execution`; JobReplyError when it names no valid job id.
+
+        The job id goes into MQTT topics, so only AWS's job-id pattern is accepted. A
+        document that is not an object becomes `{}` (the agent then REJECTS the job).
+        """
+        if not isinstance(execution, dict):
+            raise JobReplyError(f"execution must be an object, got {type(execution).__name__}")
+        job_id = execution.get("jobId")
+        if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+            raise JobReplyError(f"execution has no valid jobId: {job_id!r:.80}")
+        status = execution.get("status")
+        document = execution.get("jobDocument")
+        details = execution.get("statusDetails")
         return cls(
-            job_id=str(execution["jobId"]),
-            status=str(execution.get("status", "QUEUED")),
-            document=dict(execution.get("jobDocument") or {}),
-            version_number=execution.get("versionNumber"),
-            execution_number=execution.get("executionNumber"),
-            status_details=dict(execution.get("statusDetails") or {}),
+            job_id=job_id,
+            status=status if isinstance(status, str) else "QUEUED",
+            document=document if isinstance(document, dict) else {},
+            version_number=_version(execution.get("versionNumber")),
+            execution_number=_version(execution.get("executionNumber")),
+            status_details={k: v for k, v in details.items()
+                            if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(details, dict) else {},
         )
 
 
@@ -72,7 +104,13 @@ class Reply:
 
     @property
     def code(self) -> str:
-        return str(self.payload.get("code", ""))
+        code = self.payload.get("code")
+        return code if isinstance(code, str) else ""
+
+    @property
+    def message(self) -> str:
+        message = self.payload.get("message")
+        return message[:300] if isinstance(message, str) else ""
 
 
 ExecutionHandler = Callable[["JobsClient", JobExecution], None]
@@ -139,10 +177,15 @@ class JobsClient:
     def _on_reply(self, topic: str, payload: bytes) -> None:
         try:
             body = json.loads(payload or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("unparseable reply on %s", topic)
             return
+        if not isinstance(body, dict):
+            log.warning("reply on %s is not a JSON object", topic)
+            return
         token = body.get("clientToken")
+        if not isinstance(token, str):
+            return
         with self._pending_lock:
             waiter = self._pending.get(token) if token else None
         if waiter is None:
@@ -171,12 +214,16 @@ class JobsClient:
     def start_next(self) -> JobExecution | None:
         reply = self._request(f"{self.prefix}/start-next", {})
         if not reply.accepted:
-            log.warning("start-next rejected: %s %s", reply.code, reply.payload.get("message"))
+            log.warning("start-next rejected: %s %s", reply.code, reply.message)
             return None
         execution = reply.payload.get("execution")
         if not execution:
             return None
-        job = JobExecution.from_reply(execution)
+        try:
+            job = JobExecution.from_reply(execution)
+        except JobReplyError as exc:
+            log.warning("start-next: ignoring an execution IoT Jobs sent: %s", exc)
+            return None
         if job.version_number is not None:
             self._versions[job.job_id] = int(job.version_number)
         return job
@@ -185,34 +232,61 @@ class JobsClient:
         reply = self._request(f"{self.prefix}/{job_id}/get", {"includeJobDocument": True})
         if not reply.accepted or not reply.payload.get("execution"):
             return None
-        job = JobExecution.from_reply(reply.payload["execution"])
+        try:
+            job = JobExecution.from_reply(reply.payload["execution"])
+        except JobReplyError as exc:
+            log.warning("get %s: ignoring the execution IoT Jobs sent: %s", job_id, exc)
+            return None
         if job.version_number is not None:
             self._versions[job_id] = int(job.version_number)
         return job
 
     def update(self, job_id: str, status: str, details: dict[str, str] | None = None) -> Reply:
-        """Publish an update with expectedVersion; on VersionMismatch re-read and retry once.
-        Raises JobCanceledError when the execution can no longer change."""
-        for attempt in range(2):
-            body: dict[str, Any] = {"status": status, "includeJobExecutionState": True}
-            if details:
-                body["statusDetails"] = details
-            version = self._versions.get(job_id)
-            if version is not None:
-                body["expectedVersion"] = version
-            reply = self._request(f"{self.prefix}/{job_id}/update", body)
+        """Publish an update with expectedVersion and return IoT Jobs' reply.
+
+        On VersionMismatch: re-read the execution and retry once. On InvalidRequest
+        (AWS refused the statusDetails): retry with printable-ASCII details, then with
+        none, so the status itself is never lost. Raises JobCanceledError when the
+        execution can no longer change."""
+        attempts = [details or None]
+        if details:
+            attempts += [ascii_details(details) or None, None]
+        mismatches = 0
+        while attempts:
+            sent = attempts[0]
+            reply = self._update_once(job_id, status, sent)
             if reply.accepted:
-                state = reply.payload.get("executionState") or {}
-                if state.get("versionNumber") is not None:
-                    self._versions[job_id] = int(state["versionNumber"])
                 return reply
-            if reply.code == "VersionMismatch" and attempt == 0:
+            if reply.code == "VersionMismatch" and mismatches == 0:
+                mismatches += 1
                 self._versions.pop(job_id, None)
                 self.get(job_id)
                 continue
             if reply.code in TERMINAL_REJECTION_CODES:
                 raise JobCanceledError(f"{job_id}: update to {status} rejected: {reply.code}")
-            return reply
+            if reply.code != "InvalidRequest":
+                return reply
+            attempts.pop(0)
+            while attempts and attempts[0] == sent:
+                attempts.pop(0)  # the fallback would be the same payload
+            log.warning("job %s: update to %s refused (InvalidRequest: %s); %s", job_id, status,
+                        reply.message, "retrying with sanitized statusDetails" if attempts
+                        else "giving up")
+        return reply
+
+    def _update_once(self, job_id: str, status: str, details: dict[str, str] | None) -> Reply:
+        body: dict[str, Any] = {"status": status, "includeJobExecutionState": True}
+        if details:
+            body["statusDetails"] = details
+        version = self._versions.get(job_id)
+        if version is not None:
+            body["expectedVersion"] = version
+        reply = self._request(f"{self.prefix}/{job_id}/update", body)
+        if reply.accepted:
+            state = reply.payload.get("executionState")
+            number = _version(state.get("versionNumber")) if isinstance(state, dict) else None
+            if number is not None:
+                self._versions[job_id] = number
         return reply
 
     # -- worker ------------------------------------------------------------------

@@ -31,6 +31,7 @@ from mledge_update.codecs import (
 )
 from mledge_update.document import Delta, FullModel, UpdateJob, parse_job_document
 from mledge_update.hashing import sha256_hex
+from mledge_update.iot_jobs import status_details
 
 from .download import Downloader, DownloadError, DownloadStats, IntegrityError
 from .model import LoadedModel, ModelHandle, ModelLoadError, SmokeTestError, run_smoke
@@ -77,14 +78,6 @@ class UpdateResult:
     codec: str  # the delta codec, "full:<encoding>", "local" or "already-installed"
     bytes_downloaded: int
     details: dict[str, str] = field(default_factory=dict)
-
-
-def status_details(**values: Any) -> dict[str, str]:
-    """statusDetails as IoT Jobs wants them: string values <= 1024 chars, <= 10 keys."""
-    details = {k: str(v)[:1024] for k, v in values.items() if v is not None}
-    if len(details) > 10:
-        raise ValueError(f"statusDetails allows 10 keys, got {sorted(details)}")
-    return details
 
 
 def _artifact_name(artifact: FullModel | Delta) -> str:

@@ -61,6 +61,14 @@ def test_labels_kept_when_needed(tmp_path: Path):
     assert data.skipped_reasons == {"missing or non-integer label": 3}
 
 
+def test_a_label_outside_int64_is_skipped_not_fatal(tmp_path: Path):
+    write_lines(tmp_path / "x.jsonl.gz", [rec(1, [1, 2], label=3), rec(2, [1, 2], label=2**63),
+                                          rec(3, [1, 2], label=-(10**30))])
+    data = load_dataset(tmp_path, 2, with_labels=True)
+    assert data.ids == ["t-1"] and data.labels.tolist() == [3]
+    assert data.skipped_reasons == {"label outside the int64 range": 2}
+
+
 def test_chunked_conversion_matches_single_chunk(tmp_path: Path, monkeypatch):
     records = list(synthetic.vibration_records(700, seed=2))
     synthetic.write_channel(tmp_path, records, per_file=90)

@@ -186,6 +186,9 @@ class _Accumulator:
                 if type(label) is not int:
                     skipped["missing or non-integer label"] += 1
                     continue
+                if not -(2**63) <= label < 2**63:  # would fail the whole int64 label array
+                    skipped["label outside the int64 range"] += 1
+                    continue
                 labels.append(label)
             weight = _weight(rec.get(INCLUSION_FIELD))
             if weight is None:

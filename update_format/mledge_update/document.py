@@ -21,6 +21,7 @@ from typing import Any, Literal
 from .codecs import FULL_ENCODINGS, SUPPORTED_CODECS
 from .errors import JobDocumentError, JobDocumentTooLargeError, UnsupportedFormatError
 from .hashing import is_sha256_hex
+from .naming import MODEL_NAME
 
 OPERATION = "mledge.model-update"
 FORMAT_VERSION = 1
@@ -189,6 +190,9 @@ def _to_dict(job: UpdateJob, location: Location) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- parsing
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def _require(doc: Mapping[str, Any], key: str, path: str) -> Any:
     if key not in doc:
         raise JobDocumentError(path, "missing")
@@ -198,23 +202,25 @@ def _require(doc: Mapping[str, Any], key: str, path: str) -> Any:
 def _str(doc: Mapping[str, Any], key: str, path: str) -> str:
     value = _require(doc, key, path)
     if not isinstance(value, str) or not value:
-        raise JobDocumentError(path, f"expected a non-empty string, got {value!r:.80}")
+        raise JobDocumentError(path, f"expected a non-empty string, got {_shown(value)}")
     return value
 
 
 def _int(doc: Mapping[str, Any], key: str, path: str, minimum: int) -> int:
     value = _require(doc, key, path)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise JobDocumentError(path, f"expected an integer, got {value!r:.80}")
+        raise JobDocumentError(path, f"expected an integer, got {_shown(value)}")
     if value < minimum:
         raise JobDocumentError(path, f"must be >= {minimum}, got {value}")
+    if value > _INT64_MAX:  # versions and sizes are int64 everywhere else (DynamoDB, files)
+        raise JobDocumentError(path, f"must be at most {_INT64_MAX}, got {_shown(value)}")
     return value
 
 
 def _sha(doc: Mapping[str, Any], key: str, path: str) -> str:
     value = _require(doc, key, path)
     if not is_sha256_hex(value):
-        raise JobDocumentError(path, f"expected 64 lower-case hex characters, got {value!r:.80}")
+        raise JobDocumentError(path, f"expected 64 lower-case hex characters, got {_shown(value)}")
     return value
 
 
@@ -225,9 +231,24 @@ def _object(value: Any, path: str) -> Mapping[str, Any]:
 
 
 def _number(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise JobDocumentError(path, f"expected a finite number, got {value!r:.80}")
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise JobDocumentError(path, f"expected a finite number, got {_shown(value)}")
+    try:
+        number = float(value)  # an integer past the float range raises OverflowError
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise JobDocumentError(path, f"expected a finite number, got {_shown(value)}")
+    return number
+
+
+def _shown(value: Any) -> str:
+    """At most 80 characters of repr(value); never raises (deep nesting, huge integers)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        text = f"<{type(value).__name__}>"
+    return text[:80]
 
 
 def _location(doc: Mapping[str, Any], location: Location, path: str) -> dict[str, str]:
@@ -307,10 +328,12 @@ def _parse(doc: Any, location: Location, kind: str) -> UpdateJob:
             doc = json.loads(doc)
         except ValueError as exc:
             raise JobDocumentError(kind, f"not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise JobDocumentError(kind, "JSON nested too deeply to parse") from None
     doc = _object(doc, kind)
     operation = _require(doc, "operation", "operation")
     if operation != OPERATION:
-        raise JobDocumentError("operation", f"expected {OPERATION!r}, got {operation!r:.80}")
+        raise JobDocumentError("operation", f"expected {OPERATION!r}, got {_shown(operation)}")
     fmt = _int(doc, "format", "format", 1)
     if fmt > FORMAT_VERSION:
         raise UnsupportedFormatError(
@@ -318,7 +341,7 @@ def _parse(doc: Any, location: Location, kind: str) -> UpdateJob:
         )
     rollback = doc.get("rollback", False)
     if not isinstance(rollback, bool):
-        raise JobDocumentError("rollback", f"expected true or false, got {rollback!r:.80}")
+        raise JobDocumentError("rollback", f"expected true or false, got {_shown(rollback)}")
     uplink = doc.get("uplink", {})
     return UpdateJob(
         model=_str(doc, "model", "model"),
@@ -387,6 +410,7 @@ def smoke_from_golden(golden: Mapping[str, Any]) -> Smoke:
 __all__: Sequence[str] = (
     "FORMAT_VERSION",
     "JOB_DOCUMENT_MAX_CHARS",
+    "MODEL_NAME",
     "OPERATION",
     "Artifact",
     "Delta",

@@ -20,8 +20,13 @@ JOB_NAME_LIMIT = 63  # SageMaker: [a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}
 IOT_JOB_ID_LIMIT = 64
 _JOB_NAME = re.compile(
     r"^mledge-(?P<model>[a-z0-9][a-z0-9-]*)-v(?P<version>\d+)-(?P<suffix>[a-z0-9]+)$")
-_ANY_JOB_NAME = re.compile(r"^mledge-(?P<rest>.+)$")
-_VERSION_PART = re.compile(r"-v(?P<version>\d+)-")
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+"""Model names (fullmatch: `$` would also match before a trailing newline): a segment of
+MQTT topics, S3 keys and job names, and the job document's `model`."""
+_ANY_JOB_NAME = re.compile(r"mledge-(?P<rest>.+)", re.DOTALL)
+# ASCII digits only (`\d` also matches other scripts' digits), at most 18: a DynamoDB key.
+_VERSION_PART = re.compile(r"-v(?P<version>[0-9]{1,18})-")
+_VERSION_TAG = re.compile(r"[0-9]{1,18}")
 
 
 def make_job_name(model: str, version: int, suffix: str | None = None) -> str:
@@ -70,19 +75,22 @@ def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str,
 
     Names are ``mledge-<model>-v<version>-<suffix>``; model names may contain
     ``-v<digits>-`` themselves, so each split point is tried and a configured model
-    wins.
+    wins. Events come from outside: a model that is not a model name, a version that
+    is not 1-18 ASCII digits (>= 1), or a name or tags of the wrong type identify nothing.
     """
     tag_map = _tag_map(tags)
-    if tag_map.get(TAG_MODEL) and str(tag_map.get(TAG_VERSION, "")).isdigit():
-        return str(tag_map[TAG_MODEL]), int(tag_map[TAG_VERSION])
-    match = _ANY_JOB_NAME.match(job_name or "")
+    tag_model, tag_version = tag_map.get(TAG_MODEL, ""), tag_map.get(TAG_VERSION, "")
+    if MODEL_NAME.fullmatch(tag_model) and _VERSION_TAG.fullmatch(tag_version) \
+            and int(tag_version) >= 1:
+        return tag_model, int(tag_version)
+    match = _ANY_JOB_NAME.fullmatch(job_name) if isinstance(job_name, str) else None
     if not match:
         return None
     rest = match.group("rest")
     candidates: list[tuple[str, int]] = []
     for i in range(1, len(rest)):
         m = _VERSION_PART.match(rest, i)
-        if m:
+        if m and MODEL_NAME.fullmatch(rest[:i]) and int(m.group("version")) >= 1:
             candidates.append((rest[:i], int(m.group("version"))))
     for model, version in candidates:
         if model in known_models:
@@ -91,9 +99,12 @@ def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str,
 
 
 def _tag_map(tags: Any) -> dict[str, str]:
+    """Tags as a dict (SageMaker: a list of Key/Value; Batch: a map); non-strings dropped."""
     if isinstance(tags, dict):
-        return {str(k): str(v) for k, v in tags.items()}
-    if isinstance(tags, list):
-        return {str(t.get("Key") or t.get("key")): str(t.get("Value") or t.get("value"))
-                for t in tags if isinstance(t, dict)}
-    return {}
+        pairs = list(tags.items())
+    elif isinstance(tags, list):
+        pairs = [(t.get("Key") or t.get("key"), t.get("Value") or t.get("value"))
+                 for t in tags if isinstance(t, dict)]
+    else:
+        return {}
+    return {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)}
