@@ -6,6 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 STAMP := $(VENV)/.installed-stamp
+# Where PyTorch's CPU build (locked as torch==...+cpu, not on PyPI) comes from: the
+# machine's wheel folder when it has one, else PyTorch's CPU index (scripts/lock.py).
+TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*.whl),--find-links /opt/wheels,\
+	--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 SCENARIO ?= anomaly
 DEVICES ?= 10
 WORKSPACE := -e . -e ./update_format -e ./edge -e ./training_image -e ./devstack
@@ -24,7 +28,7 @@ $(STAMP): requirements-dev.txt requirements/bootstrap.txt $(PYPROJECTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes \
 		-r requirements/bootstrap.txt
-	$(UV) pip sync -q --python $(PY) --require-hashes requirements-dev.txt
+	$(UV) pip sync -q --python $(PY) --require-hashes $(TORCH_SOURCE) requirements-dev.txt
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation $(WORKSPACE)
 	touch $(STAMP)
 
@@ -57,6 +61,7 @@ bench: env
 	$(PY) bench/ingest.py
 	$(PY) bench/delta.py
 	$(PY) bench/train.py
+	$(PY) bench/data.py --sizes 1000000
 
 clean:
 	rm -rf $(VENV) demo-output .devstack .pytest_cache .ruff_cache .mypy_cache

@@ -8,7 +8,7 @@ from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, Request, SQSEvent
 from mledge_update.events import MODEL_APPROVED, PIPELINE_SOURCE
 
-from chalicelib import completion, ingest, operator_api, packaging, trigger
+from chalicelib import compaction, completion, ingest, operator_api, packaging, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -43,6 +43,15 @@ def on_raw_objects_created(event: SQSEvent) -> None:
 def retrain_on_schedule(event: CloudWatchEvent) -> None:
     rt = get_runtime()
     trigger.run_scheduled_trainings(clients=rt.clients, settings=rt.settings, config=rt.config)
+
+
+# --- compaction: raw/ JSON lines -> Parquet by model and day (chalicelib/compaction.py) ---
+
+@app.schedule(Rate(compaction.COMPACTION_TICK_MINUTES, unit=Rate.MINUTES))
+def compact_on_schedule(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    compaction.run_scheduled_compaction(clients=rt.clients, settings=rt.settings,
+                                        config=rt.config)
 
 
 # --- training completion -> registry + gate (chalicelib/completion.py) ---------------

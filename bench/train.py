@@ -3,6 +3,7 @@
     python bench/train.py                 # 10k and 100k records, both families
     python bench/train.py --with-1m       # ... and 1M records (minutes; ~2 GB of temp files)
     python bench/train.py --sizes 5000 --families kmeans_anomaly
+    python bench/train.py --sizes 10000 --families cnn   # the CNN; CUDA when the machine has one
 
 Data: synthetic telemetry written the way ingest writes it (gzip JSON lines,
 1000 records per object under dt=/hour= partitions). Each run is the real
@@ -45,7 +46,10 @@ print("BENCH " + json.dumps({"timings": timings, "peak_mb": peak_mb, "metrics": 
 FAMILIES = {
     "kmeans_anomaly": (synthetic.vibration_records, synthetic.kmeans_hyperparameters),
     "classifier": (synthetic.digits_records, synthetic.classifier_hyperparameters),
+    # PyTorch: on a GPU machine this is the CPU-vs-GPU comparison (`device=` column).
+    "cnn": (synthetic.digits_records, synthetic.cnn_hyperparameters),
 }
+DEFAULT_FAMILIES = ("kmeans_anomaly", "classifier")
 
 
 def gunzip_seconds(channel: Path) -> float:
@@ -88,7 +92,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000",
                         help="comma-separated record counts (default 10000,100000)")
     parser.add_argument("--with-1m", action="store_true", help="also run 1,000,000 records")
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                        help=f"comma-separated, of: {', '.join(FAMILIES)} "
+                             f"(default {','.join(DEFAULT_FAMILIES)})")
     parser.add_argument("--per-file", type=int, default=1000,
                         help="records per gzip object (default 1000)")
     parser.add_argument("--threads", type=int, default=None,
@@ -120,7 +126,9 @@ def main() -> None:
                       f"{t['load'] / max(r['gunzip'], 1e-9):>12.1f}"
                       f"{t['load'] / max(t['fit'], 1e-9):>9.2f}"
                       f"  {metric}={metrics['challenger'][metric]:.3f}"
-                      f" parity={'ok' if metrics['parity']['passed'] else 'FAILED'}", flush=True)
+                      f" parity={'ok' if metrics['parity']['passed'] else 'FAILED'}"
+                      + (f" device={metrics['model']['device']}" if "device" in metrics["model"]
+                         else ""), flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -67,6 +67,10 @@ class AwsClients:
     def batch(self) -> Any:
         return self.client("batch")
 
+    @property
+    def athena(self) -> Any:
+        return self.client("athena")
+
 
 def error_code(exc: BaseException) -> str:
     """The AWS error code of a botocore ClientError ('' for anything else)."""

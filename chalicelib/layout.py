@@ -12,6 +12,10 @@ DATASETS = "datasets"
 MODELS = "models"
 RELEASES = "releases"
 LABELS = "labels"
+COMPACTED = "compacted"
+"""Parquet compacted from raw/: `compacted/<model>/dt=YYYY-MM-DD/<part>.parquet`."""
+COMPACTION_LEDGERS = "compacted-ledgers"
+"""One JSON ledger per compacted partition, outside the table's data prefix."""
 
 
 def _partition(when: datetime) -> str:
@@ -33,6 +37,33 @@ def summaries_key(model: str, when: datetime, batch_id: str) -> str:
 
 def raw_prefix(model: str) -> str:
     return f"{RAW}/{model}/"
+
+
+def raw_day_prefix(model: str, day: str) -> str:
+    """Every raw object of one model and UTC day (`day` is YYYY-MM-DD), all hours."""
+    return f"{RAW}/{model}/dt={day}/"
+
+
+def compacted_prefix(model: str) -> str:
+    return f"{COMPACTED}/{model}/"
+
+
+def compacted_partition_prefix(model: str, day: str) -> str:
+    """One Athena partition (model, dt): the Glue table's location template matches this."""
+    return f"{COMPACTED}/{model}/dt={day}/"
+
+
+def compacted_part_key(model: str, day: str, run: int, digest: str) -> str:
+    return f"{compacted_partition_prefix(model, day)}part-{run:013d}-{digest}.parquet"
+
+
+def compaction_ledger_key(model: str, day: str) -> str:
+    return f"{COMPACTION_LEDGERS}/{model}/dt={day}.json"
+
+
+def dataset_data_prefix(model: str, version: int) -> str:
+    """Where a version's built dataset (Parquet, from DuckDB or Athena UNLOAD) lives."""
+    return f"{DATASETS}/{model}/v{version:05d}/data/"
 
 
 def dataset_key(model: str, version: int) -> str:

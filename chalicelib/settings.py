@@ -39,6 +39,10 @@ class Settings:
     region: str = "us-east-1"
     endpoint_url: str | None = None
     code_version: str = "dev"
+    athena_database: str = "mledge_dev_data"
+    """Glue database of the compacted table (infra/pipeline.yaml); DuckDB mirrors the name."""
+    athena_workgroup: str = "mledge-dev-datasets"
+    """Athena workgroup (its result location holds query results and UNLOAD manifests)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,4 +75,8 @@ class Settings:
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
             code_version=env.get("MLEDGE_CODE_VERSION", "dev"),
+            athena_database=env.get("MLEDGE_ATHENA_DATABASE")
+            or f"mledge_{env.get('MLEDGE_STAGE', 'dev')}_data".replace("-", "_"),
+            athena_workgroup=env.get("MLEDGE_ATHENA_WORKGROUP")
+            or f"mledge-{env.get('MLEDGE_STAGE', 'dev')}-datasets",
         )

@@ -11,6 +11,8 @@ Items (key `pk`, see chalicelib/tables.py):
   `stale_at` has passed (max runtime + margin: the completion event never
   came) may be taken over; the take-over is conditional on that timestamp, so
   two takers cannot both win.
+- `lock#<name>`: a lease (holder, stale_at) that keeps two runs of a periodic job
+  apart, e.g. `lock#compaction#<model>`; an expired lease may be taken over.
 - `event#<id>`: an event already counted. `expires_at` is the table's TTL
   attribute, so markers clean themselves up.
 
@@ -57,6 +59,10 @@ def counter_key(model: str) -> str:
 
 def lock_key(model: str) -> str:
     return f"lock#training#{model}"
+
+
+def lease_key(name: str) -> str:
+    return f"lock#{name}"
 
 
 def event_key(event_id: str) -> str:
@@ -279,6 +285,52 @@ class StateStore:
             acquired_at=float(item["acquired_at"]["N"]),
             stale_at=float(item["stale_at"]["N"]),
         )
+
+    # -- leases (short locks for periodic work, e.g. compaction) -------------------
+
+    def acquire_lease(self, name: str, holder: str, seconds: float) -> bool:
+        """Hold `lock#<name>` for `seconds`; False while another holder's lease is live.
+
+        Unlike the training lock a lease has no version: it only keeps two runs of the
+        same periodic job apart. An expired lease is taken over (conditional on its
+        expiry, so two takers cannot both win).
+        """
+        now = self.clock()
+        try:
+            self.dynamodb.put_item(
+                TableName=self.table_name,
+                Item={
+                    STATE_KEY: {"S": lease_key(name)},
+                    "holder": {"S": holder},
+                    "acquired_at": {"N": repr(float(now))},
+                    "stale_at": {"N": repr(float(now + seconds))},
+                },
+                ConditionExpression="attribute_not_exists(#pk) OR stale_at <= :now "
+                                    "OR holder = :holder",
+                ExpressionAttributeNames={"#pk": STATE_KEY},
+                ExpressionAttributeValues={":now": {"N": repr(float(now))},
+                                           ":holder": {"S": holder}},
+            )
+        except Exception as exc:
+            if error_code(exc) == _CONDITION_FAILED:
+                return False
+            raise
+        return True
+
+    def release_lease(self, name: str, holder: str) -> bool:
+        """Release the lease if `holder` still holds it."""
+        try:
+            self.dynamodb.delete_item(
+                TableName=self.table_name,
+                Key={STATE_KEY: {"S": lease_key(name)}},
+                ConditionExpression="holder = :holder",
+                ExpressionAttributeValues={":holder": {"S": holder}},
+            )
+        except Exception as exc:
+            if error_code(exc) == _CONDITION_FAILED:
+                return False
+            raise
+        return True
 
     def _get(self, pk: str) -> dict[str, Any] | None:
         response = self.dynamodb.get_item(

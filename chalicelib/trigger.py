@@ -41,7 +41,9 @@ from chalicelib.backends import (
     backend_for,
     training_hyperparameters,
 )
+from chalicelib.compaction import compact_model
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
+from chalicelib.datasets import EmptyWindowError, build_dataset, default_engine_factory
 from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
 from chalicelib.settings import Settings
 from chalicelib.snapshot import (
@@ -73,6 +75,9 @@ log = logging.getLogger(__name__)
 # The schedule handler runs this often (app.py uses the same constant); a
 # model's `training.schedule` is honoured to within one tick.
 SCHEDULE_TICK_MINUTES = 15
+# What a training start may spend compacting before it builds a dataset (the raw-events
+# Lambda runs up to 600 s); a large backlog is left to the compaction schedule.
+TRIGGER_COMPACTION_SECONDS = 240
 
 
 class TriggerError(Exception):
@@ -452,7 +457,7 @@ class Trigger:
         }
         created = False
         try:
-            snapshot = write_snapshot(self.clients.s3, self.settings.bucket, model.name, version)
+            snapshot = self._snapshot(model, version, lineage)
             if not snapshot.objects:
                 raise NoDataError(f"{model.name}: the raw data disappeared before the snapshot")
             champion = self.registry.current_release(model.name)
@@ -486,6 +491,35 @@ class Trigger:
         log.info("training started: %s (%d new records stay counted)",
                  json.dumps(start.to_dict()), remaining)
         return start
+
+    def _snapshot(self, model: ModelConfig, version: int, lineage: dict[str, Any]) -> Any:
+        """Every raw object (no dataset table), or the model's dataset built by SQL.
+
+        A dataset model first compacts what arrived since the last compaction run (the
+        same idempotent run as the schedule's; skipped while that one holds the lease),
+        so a training started by new data also trains on it.
+        """
+        if model.dataset is None:
+            return write_snapshot(self.clients.s3, self.settings.bucket, model.name, version)
+        s3, bucket = self.clients.s3, self.settings.bucket
+        compaction = compact_model(model.name, s3=s3, state=self.state, bucket=bucket,
+                                   now=self.clock(),
+                                   deadline=time.time() + TRIGGER_COMPACTION_SECONDS)
+        try:
+            built = build_dataset(
+                model, version, s3=s3, bucket=bucket, database=self.settings.athena_database,
+                engine_factory=default_engine_factory(
+                    clients=self.clients, bucket=bucket, database=self.settings.athena_database,
+                    workgroup=self.settings.athena_workgroup, model=model.name),
+                now=self.clock())
+        except EmptyWindowError as exc:
+            raise NoDataError(str(exc)) from None
+        lineage["dataset_build"] = {
+            "engine": built.engine, "partitions": len(built.partitions), "cutoff_run": built.cutoff,
+            "compacted_now": compaction.records_written,
+            "seconds": {k: round(v, 3) for k, v in built.seconds.items()},
+        }
+        return built.snapshot
 
     def _record_start_failure(self, model: str, version: int, lineage: dict[str, Any],
                               created: bool, why: str) -> None:

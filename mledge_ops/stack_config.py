@@ -39,6 +39,8 @@ OUTPUT_FOR_VARIABLE: dict[str, str] = {
     "MLEDGE_TRAINING_IMAGE_URI": "TrainingImageUri",
     "MLEDGE_BATCH_JOB_QUEUE": "BatchJobQueueName",
     "MLEDGE_BATCH_JOB_DEFINITION": "BatchJobDefinitionName",
+    "MLEDGE_ATHENA_DATABASE": "AthenaDatabaseName",
+    "MLEDGE_ATHENA_WORKGROUP": "AthenaWorkGroupName",
 }
 _COMPLETE = {"CREATE_COMPLETE", "UPDATE_COMPLETE", "UPDATE_ROLLBACK_COMPLETE", "IMPORT_COMPLETE"}
 

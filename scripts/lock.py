@@ -44,6 +44,22 @@ WORKSPACE: dict[str, str] = {
     "mledge-devstack": "devstack",
 }
 
+# Development and CI run the trainer's `cnn` extra (PyTorch) on the CPU: the lock pins
+# PyTorch's CPU build (a local version, `+cpu`), which PyPI does not carry. It comes from
+# this machine kind's wheel folder when there is one, else from PyTorch's CPU index; the
+# Makefile installs from the same source. The training image picks its own build
+# (CPU or CUDA) per variant: training_image/Dockerfile.
+CPU_TORCH = "requirements/cpu-torch.txt"
+TORCH_WHEELS = Path("/opt/wheels")
+
+
+def torch_source() -> list[str]:
+    if any(TORCH_WHEELS.glob("torch-*.whl")):
+        return ["--find-links", str(TORCH_WHEELS)]
+    return ["--extra-index-url", "https://download.pytorch.org/whl/cpu",
+            "--index-strategy", "unsafe-best-match"]
+
+
 DEV_LOCK = "requirements-dev.txt"
 BOOTSTRAP = "requirements/bootstrap.txt"
 PYTHON_VERSION = "3.11"
@@ -128,9 +144,11 @@ def uv(*args: str) -> None:
 
 def lock_workspace(upgrade: list[str]) -> None:
     no_emit = [arg for name in WORKSPACE for arg in ("--no-emit-package", name)]
-    source = write_input("workspace", [f"-e ./{folder}".rstrip("/.") if folder != "." else "-e ."
-                                       for folder in WORKSPACE.values()])
-    uv(source, "--group", "pyproject.toml:dev", *no_emit, *upgrade, "-o", DEV_LOCK)
+    lines = [f"-e ./{folder}".rstrip("/.") if folder != "." else "-e ." for folder in WORKSPACE.values()]
+    lines = [line + "[cnn]" if line == "-e ./training_image" else line for line in lines]
+    source = write_input("workspace", lines)
+    uv(source, "--group", "pyproject.toml:dev", "-c", CPU_TORCH, *torch_source(), *no_emit, *upgrade,
+       "-o", DEV_LOCK)
 
 
 def write_input(name: str, lines: list[str]) -> str:

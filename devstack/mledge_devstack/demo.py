@@ -860,9 +860,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary.get("outcome") == "passed" else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # Conditions the digits story waits for (bound with functools.partial inside its loop).
 def _stored(need: int, snapshot: Snapshot) -> bool | None:
@@ -880,3 +877,7 @@ def _decided(version: int, snapshot: Snapshot) -> VersionRecord | None:
 
 def _training_progress(version: int, snapshot: Snapshot) -> tuple[float | None, str]:
     return None, f"training v{version} (the real trainer)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -177,11 +177,13 @@ class DemoAgent(Agent):
             entry["last_at"] = time.time()
             self._sent_messages, self._sent_bytes = messages, total
             counts = entry["kinds"].setdefault(kind, {"readings": 0, "flagged": 0, "sent": 0,
-                                                      "predicted": 0, "correct": 0})
+                                                      "predicted": 0, "correct": 0,
+                                                      "inference_us": 0})
             counts["readings"] += 1
             counts["sent"] += int(sent)
             if prediction is not None:
                 counts["predicted"] += 1
+                counts["inference_us"] += self.last_inference_us or 0
                 counts["flagged"] += int(prediction.anomaly)
                 if reading.label is not None:
                     counts["correct"] += int(prediction.label == reading.label)

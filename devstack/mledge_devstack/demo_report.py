@@ -107,6 +107,10 @@ def build_summary(demo: Demo, snap: Snapshot | None, error: BaseException | None
         for counts in p["kinds"].values():
             counts["flagged_rate"] = _ratio(counts.get("flagged", 0), counts.get("predicted", 0))
             counts["sent_rate"] = _ratio(counts.get("sent", 0), counts.get("readings", 0))
+            # On-device inference per prediction (the agent's onnxruntime call).
+            counts["us_per_prediction"] = (round(counts.get("inference_us", 0)
+                                                 / counts["predicted"], 1)
+                                           if counts.get("predicted") else None)
             if counts.get("correct") or options.scenario == "digits":
                 counts["accuracy"] = _ratio(counts.get("correct", 0), counts.get("predicted", 0))
 
@@ -258,6 +262,8 @@ def print_summary(summary: dict[str, Any], d: Display) -> None:
             + (f"{c['flagged_rate']:.0%} flagged, " if c.get("flagged_rate") is not None
                and kind != "digit" else "")
             + (f"{c['accuracy']:.1%} correct, " if c.get("accuracy") is not None else "")
+            + (f"{c['us_per_prediction']:.0f} us/prediction, "
+               if c.get("us_per_prediction") is not None else "")
             + f"{(c.get('sent_rate') or 0):.0%} sent"
             for kind, c in sorted(p["kinds"].items()))
         d.write(f"  {p['phase']:<9} v{p['version']}: {kinds}")
@@ -701,10 +707,10 @@ def render_html(summary: dict[str, Any]) -> str:
         for kind, c in sorted(p["kinds"].items()):
             rows.append([p["phase"], f"v{p['version']}" if p["version"] else "no model", kind,
                          c.get("readings", 0), _pct(c.get("flagged_rate")),
-                         _pct(c.get("accuracy")), _pct(c.get("sent_rate")),
-                         p.get("bytes_per_reading")])
+                         _pct(c.get("accuracy")), c.get("us_per_prediction"),
+                         _pct(c.get("sent_rate")), p.get("bytes_per_reading")])
     parts.append(_table(["phase", "model", "readings of", "readings", "flagged", "correct",
-                         "sent", "B/reading (phase)"], rows, left={0, 1, 2}))
+                         "µs/prediction", "sent", "B/reading (phase)"], rows, left={0, 1, 2}))
     parts.append(f"<p class='note'>summary.json holds every number on this page. Logs: "
                  f"<code>{_esc(s['logs']['devices'])}</code>, "
                  f"<code>{_esc(s['logs']['stack'])}</code>.</p></body></html>")

@@ -95,6 +95,9 @@ class Agent:
         self._seq = 0
         self._boot = f"{int(self._started_at * 1000) % 10**10:x}"
         self._totals = {"readings": 0, "predictions": 0, "anomalies": 0}
+        # Microseconds the last reading's inference took (None without a model): what one
+        # prediction costs on this device, for the host application and the demo.
+        self.last_inference_us: int | None = None
         self._updates = {"succeeded": 0, "failed": 0, "rejected": 0}
         self._last_job: dict[str, Any] | None = None
         self._window = self._new_window()
@@ -265,11 +268,15 @@ class Agent:
         publish what it says. Returns the prediction."""
         prediction: Prediction | None = None
         model = self.handle.current
+        self.last_inference_us = None
         if model is not None:
+            started = time.perf_counter()
             try:
                 prediction = model.predict(reading.features)
             except ValueError as exc:  # the sensor and model disagree on feature count
                 log.error("inference failed: %s", exc)
+            else:
+                self.last_inference_us = round((time.perf_counter() - started) * 1e6)
         has_model = prediction is not None
         with self._stats_lock:
             decider = self._decider

@@ -79,11 +79,11 @@ def test_job_names_fit_sagemaker_and_parse_back():
 def test_hyperparameters_follow_the_container_contract(config):
     hp = training_hyperparameters(config.models["dig"], 7)
     assert all(isinstance(v, str) for v in hp.values())
-    assert hp["family"] == "classifier" and hp["model_name"] == "dig"
+    assert hp["family"] == "cnn" and hp["model_name"] == "dig"
     assert hp["model_version"] == "7" and hp["metric"] == "accuracy"
     assert json.loads(hp["features"]) == ["px0", "px1", "px2", "px3"]
     assert hp["label_mode"] == "required"
-    assert hp["estimator"] == "mlp" and hp["max_iter"] == "50"
+    assert hp["image_shape"] == "2,2" and hp["epochs"] == "50"
 
 
 # ------------------------------------------------------------------ SageMaker
@@ -105,7 +105,7 @@ def test_sagemaker_job_carries_the_configured_fields(aws, settings, config):
     assert channels["champion"]["S3Uri"] == \
         f"s3://{settings.bucket}/releases/vib/v00001/model.onnx"
     assert job["OutputDataConfig"]["S3OutputPath"] == f"s3://{settings.bucket}/models/vib/"
-    assert job["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
+    assert job["ResourceConfig"]["InstanceType"] == "ml.m5.xlarge"
     assert job["ResourceConfig"]["InstanceCount"] == 1
     assert job["ResourceConfig"]["VolumeSizeInGB"] == 40
     assert job["StoppingCondition"]["MaxRuntimeInSeconds"] == 1800
@@ -306,6 +306,29 @@ def test_local_backend_runs_the_real_trainer_and_completion_takes_its_event(
     # a rejection frees the lock; an approval keeps it until packaging is done
     lock = state.training_lock("loc")
     assert (lock is None) if record.status is Status.REJECTED else (lock.version == record.version)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _trainer_available(), reason="the trainer package is not importable")
+def test_a_dataset_model_trains_on_parquet_end_to_end(aws, settings, tmp_path, local_events):
+    """Compaction, the DuckDB dataset, the local backend, the real trainer on Parquet."""
+    import tomllib
+
+    from chalicelib.config import parse_pipeline_config
+    from tests.cloud.trigger_helpers import TEST_PIPELINE
+
+    config = parse_pipeline_config(tomllib.loads(
+        TEST_PIPELINE + "\n[models.loc.dataset]\nwindow_days = 3650\nmax_records = 200\n"))
+    backend = LocalBackend(aws.s3, aws.events, env=subprocess_env(), work_root=tmp_path / "jobs")
+    started = start_via_trigger(aws, settings, config, "loc", backend, records=300)
+    assert started.records <= 200
+    job = wait_for_local_job(started.job_name, timeout=240)
+    assert job.status == "Completed", job.failure_reason
+    [event] = local_events()
+    members = artifact_members(aws, event["detail"]["ModelArtifacts"]["S3ModelArtifacts"])
+    metrics = json.loads(members["metrics.json"])
+    assert metrics["data"]["records"] == started.records
+    assert metrics["data"]["files"] == 1  # datasets/loc/v00001/data/part-00000.parquet
 
 
 # ------------------------------------------------------------------ Batch launcher

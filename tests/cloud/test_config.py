@@ -25,7 +25,8 @@ def test_shipped_config_defines_both_example_models() -> None:
     assert vib.schema.feature_count == 8
     assert vib.schema.label == "none"
     digits = config.model("digits")
-    assert digits.family == "classifier"
+    assert digits.family == "cnn"
+    assert digits.training.gpu_count == 1
     assert digits.schema.feature_count == 64
     assert digits.schema.features[0] == "px0"
     assert digits.schema.label_values == tuple(range(10))
@@ -73,6 +74,11 @@ def _with(path: list[str], value: object) -> dict:
          r"models\.digits\.uplink\.sample_rate: must be at most 1"),
         (["models", "digits", "min_new_records"], 0, r"models\.digits\.min_new_records"),
         (["models", "digits", "schema", "min_value"], 20.0, r"models\.digits\.schema\.max_value: must be greater"),
+        (["models", "vibration-anomaly", "training", "instance_type"], "ml.g5.xlarge",
+         r"models\.vibration-anomaly\.training\.instance_type: ml\.g5\.xlarge is a GPU "
+         r"instance: the kmeans_anomaly family never uses a GPU"),
+        (["models", "vibration-anomaly", "training", "gpu_count"], 1,
+         r"models\.vibration-anomaly\.training\.gpu_count: must be 0: the kmeans_anomaly"),
     ],
 )
 def test_errors_name_file_model_and_field(path: list[str], value: object, message: str) -> None:

@@ -51,7 +51,7 @@ def test_threshold_is_inclusive(vib):
 
 
 def test_challenger_must_beat_the_champion_by_min_improvement(digits):
-    m = {"family": "classifier", "metric": "accuracy"}
+    m = {"family": "cnn", "metric": "accuracy"}
     worse = evaluate(digits, metrics_doc(**m, challenger=0.953, champion=0.95, train=1000))
     assert not worse.approved
     assert _check(worse, "improvement").reason == (
@@ -121,7 +121,7 @@ def test_champion_the_fleet_no_longer_runs_rejects(vib):
 
 
 def test_every_failing_rule_is_reported_not_just_the_first(digits):
-    decision = evaluate(digits, metrics_doc(family="classifier", metric="accuracy",
+    decision = evaluate(digits, metrics_doc(family="cnn", metric="accuracy",
                                             challenger=0.5, champion=0.9, parity=False,
                                             train=10))
     failed = [c.rule for c in decision.checks if not c.passed]

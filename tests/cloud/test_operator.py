@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -119,10 +120,17 @@ def test_rollback_to_a_named_version_and_its_refusals(op, aws, settings, registr
 
 def _seed_raw_data(aws, bucket: str, state_store, model: str = VIB,
                    records: int = 1200) -> None:
-    """What ingest leaves behind: one raw object and the new-record count."""
-    body = gzip.compress(b'{"id": "t-1", "ts": 1.0, "features": [0, 0, 0, 0, 0, 0, 0, 0]}\n')
-    aws.s3.put_object(Bucket=bucket, Key=f"raw/{model}/dt=2026-01-01/hour=00/b1.jsonl.gz",
-                      Body=body, Metadata={"record-count": str(records)})
+    """What ingest leaves behind: one raw object of today and the new-record count.
+
+    Today, because a model with a dataset table trains on the last `window_days` only.
+    """
+    lines = "".join(
+        f'{{"id": "t-{i}", "thing": "t", "ts": 1.0, "received_at": 1, '
+        f'"features": [0, 0, 0, 0, 0, 0, 0, {i}]}}\n' for i in range(records))
+    today = datetime.now(UTC)
+    aws.s3.put_object(Bucket=bucket, Key=f"raw/{model}/dt={today:%Y-%m-%d}/hour=00/b1.jsonl.gz",
+                      Body=gzip.compress(lines.encode()),
+                      Metadata={"record-count": str(records)})
     state_store.add_new_records(model, records)
 
 

@@ -22,8 +22,7 @@ thing_group = "g-vib"
 features = ["a", "b"]
 [models.vib.training]
 backend = "sagemaker"
-instance_type = "ml.g4dn.xlarge"
-gpu_count = 1
+instance_type = "ml.m5.xlarge"
 volume_size_gb = 40
 max_runtime_seconds = 1800
 schedule = "rate(1 day)"
@@ -33,7 +32,7 @@ k_max = 4
 seed = 7
 
 [models.dig]
-family = "classifier"
+family = "cnn"
 metric = "accuracy"
 threshold = 0.9
 min_new_records = 50
@@ -47,8 +46,8 @@ instance_type = "g4dn.xlarge"
 gpu_count = 1
 max_runtime_seconds = 900
 [models.dig.hyperparameters]
-estimator = "mlp"
-max_iter = 50
+image_shape = "2,2"
+epochs = 50
 
 [models.loc]
 family = "kmeans_anomaly"

@@ -20,6 +20,9 @@ MOTO_UNSUPPORTED_TYPES = {
     "AWS::SQS::QueuePolicy",
     "AWS::IoT::TopicRule",
     "AWS::IoT::ThingGroup",
+    "AWS::Glue::Database",
+    "AWS::Glue::Table",
+    "AWS::Athena::WorkGroup",
 }
 
 

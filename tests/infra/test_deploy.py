@@ -137,5 +137,6 @@ def test_roles_device_policy_repository_and_batch_exist(deployed) -> None:
     assert container["jobRoleArn"] == training["TrainingRoleArn"]
     # moto keeps the Number parameter as an int; AWS returns strings
     requirements = {r["type"]: str(r["value"]) for r in container["resourceRequirements"]}
-    assert requirements == {"GPU": "1", "VCPU": "4", "MEMORY": "14336"}
+    # no GPU by default: a GPU family's SubmitJob asks for it
+    assert requirements == {"VCPU": "4", "MEMORY": "14336"}
     assert container["command"][:3] == ["python", "-m", "trainer_batch.launcher"]

@@ -138,7 +138,7 @@ def _commands(path: Path) -> str:
 def test_install_paths_install_from_the_lock() -> None:
     makefile = _commands(REPO / "Makefile")
     assert "--require-hashes -r requirements/bootstrap.txt" in makefile
-    assert "pip sync -q --python $(PY) --require-hashes requirements-dev.txt" in makefile
+    assert "pip sync -q --python $(PY) --require-hashes $(TORCH_SOURCE) requirements-dev.txt" in makefile
     assert "--no-deps --no-build-isolation $(WORKSPACE)" in makefile
     dockerfile = _commands(REPO / "training_image" / "Dockerfile")
     assert "pip install --no-cache-dir --require-hashes --no-deps -r requirements.txt" in dockerfile
@@ -146,3 +146,14 @@ def test_install_paths_install_from_the_lock() -> None:
     deploy = (REPO / "docs" / "deploy.md").read_text()
     assert "--require-hashes --no-deps -r edge/requirements.txt" in deploy
     assert (REPO / ".ci" / "run").read_text().rstrip().endswith("make test")
+
+
+def test_cnn_image_pins_the_workspace_versions() -> None:
+    """training_image/requirements-cnn.txt (PyTorch per image variant, constraints only)
+    names the versions the tests run; torch's local build tag (+cpu, +cu128) aside."""
+    locked = {name: version for name, (version, _) in entries(REPO / lock.DEV_LOCK).items()}
+    for line in (REPO / "training_image" / "requirements-cnn.txt").read_text().splitlines():
+        match = lock.PIN.match(line)
+        if match:
+            name = lock.canonical(match.group(1))
+            assert locked.get(name, "").split("+")[0] == match.group(2), f"{name}=={match.group(2)}"

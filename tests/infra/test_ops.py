@@ -72,7 +72,7 @@ def test_stack_config_copies_outputs_and_keeps_everything_else(moto, chalice_con
     assert main(["stack-config", "--stage", "dev", "--region", REGION,
                  "--chalice-config", str(chalice_config)]) == 0
     assert chalice_config.read_text() == text
-    assert "0 changed, 11 unchanged" in capsys.readouterr().out
+    assert "0 changed, 13 unchanged" in capsys.readouterr().out
 
 
 def test_stack_config_dry_run_writes_nothing(moto, chalice_config, capsys):

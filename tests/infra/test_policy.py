@@ -32,7 +32,8 @@ ACCOUNT = "123456789012"
 SERVICE_OF_NAME = {
     "dynamodb": "dynamodb", "sagemaker": "sagemaker", "cloudwatch": "cloudwatch",
     "events": "events", "batch": "batch", "logs": "logs", "iot": "iot", "iam": "iam",
-    "sqs": "sqs", "sts": "sts", "s3": "s3", "table": "dynamodb",
+    "sqs": "sqs", "sts": "sts", "s3": "s3", "table": "dynamodb", "athena": "athena",
+    "glue": "glue",
 }
 # Client methods that are not API operations, and what they need.
 CLIENT_HELPERS: dict[str, tuple[str, ...]] = {
@@ -62,6 +63,11 @@ IAM_ACTIONS: dict[str, tuple[str, ...]] = {
                                     "iam:PassRole"),
     "batch:SubmitJob": ("batch:SubmitJob", "batch:TagResource"),
     "iot:CreateJob": ("iot:CreateJob", "iot:TagResource", "iam:PassRole"),
+    # Athena acts with the caller's permissions: the Glue table, S3 reads and writes.
+    "athena:StartQueryExecution": ("athena:StartQueryExecution", "glue:GetDatabase",
+                                   "glue:GetTable", "glue:GetPartitions",
+                                   "s3:GetBucketLocation", "s3:AbortMultipartUpload",
+                                   "s3:ListMultipartUploadParts"),
 }
 # Actions a Chalice event source needs (the Lambda service calls them with the role).
 EVENT_SOURCE_ACTIONS = {
@@ -323,7 +329,9 @@ def test_pass_role_goes_only_to_the_training_and_presign_roles(stage) -> None:
 
 def test_stage_policies_differ_only_in_the_stage() -> None:
     dev = json.dumps(load_policy("dev"))
-    assert json.loads(dev.replace("-dev-", "-prod-")) == load_policy("prod")
+    # Glue database names take no '-' (Athena): mledge_<stage>_data.
+    assert json.loads(dev.replace("-dev-", "-prod-").replace("_dev_", "_prod_")) == \
+        load_policy("prod")
 
 
 def test_chalice_config_points_each_stage_at_its_policy() -> None:

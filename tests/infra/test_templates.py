@@ -248,7 +248,8 @@ def test_batch_job_definition_runs_the_image_on_a_gpu(training) -> None:
     container = resources["TrainingJobDefinition"]["Properties"]["ContainerProperties"]
     assert "TrainingRepository.RepositoryUri" in sub_text(container["Image"])
     assert container["JobRoleArn"] == {"Fn::GetAtt": ["TrainingRole", "Arn"]}
-    assert {r["Type"] for r in container["ResourceRequirements"]} == {"GPU", "VCPU", "MEMORY"}
+    # GPU families ask for a GPU in SubmitJob; the definition holds none (CPU families)
+    assert {r["Type"] for r in container["ResourceRequirements"]} == {"VCPU", "MEMORY"}
     assert container["Command"][:3] == ["python", "-m", "trainer_batch.launcher"]
     assert {"Name": "MLEDGE_TRAINING_BASE_DIR", "Value": "/opt/ml"} in container["Environment"]
     queue = resources["GpuJobQueue"]["Properties"]

@@ -195,7 +195,7 @@ def test_unexpected_error_is_reported_as_internal(tmp_path: Path, vibration, mon
     base = setup(tmp_path, synthetic.kmeans_hyperparameters(k_max="3"), vibration)
     family = type(get_family("kmeans_anomaly"))
 
-    def broken_fit(self, params, common, train):
+    def broken_fit(self, params, common, train, champion_model=None):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(family, "fit", broken_fit)
@@ -203,7 +203,7 @@ def test_unexpected_error_is_reported_as_internal(tmp_path: Path, vibration, mon
 
 
 def test_registry_lists_the_families():
-    assert family_names() == ("classifier", "kmeans_anomaly")
+    assert family_names() == ("classifier", "cnn", "kmeans_anomaly")
     assert get_family("classifier").metrics == ("accuracy", "macro_f1")
 
 

@@ -205,11 +205,7 @@ class _Accumulator:
             self.flush()
 
     def _verdict(self, rec: dict[str, Any]) -> None:
-        rid, verdict = rec.get(VERDICT_OF), rec.get(VERDICT)
-        if type(rid) is not str or not rid or verdict not in VERDICTS:
-            self.skipped["unusable verdict line"] += 1
-            return
-        self.verdicts[rid] = verdict
+        _add_verdict(rec, self.verdicts, self.skipped)
 
     def flush(self) -> None:
         if not self._rows:
@@ -241,6 +237,31 @@ class _Accumulator:
                    else np.empty(0, dtype=bool))
         return Dataset(self.ids, features, labels, files, sum(self.skipped.values()),
                        dict(self.skipped), weights, flagged, dict(self.verdicts))
+
+
+def _add_verdict(rec: dict[str, Any], verdicts: dict[str, str], skipped: Counter[str]) -> None:
+    rid, verdict = rec.get(VERDICT_OF), rec.get(VERDICT)
+    if type(rid) is not str or not rid or verdict not in VERDICTS:
+        skipped["unusable verdict line"] += 1
+        return
+    verdicts[rid] = verdict
+
+
+def load_verdicts(files: list[Path], channel: Path, skipped: Counter[str]) -> dict[str, str]:
+    """The verdict lines of `files` (gzip JSON lines, in the given order; the last verdict
+    per record id wins). For a channel whose records are elsewhere (Parquet): any other
+    line is counted in `skipped`, never read as a record."""
+    verdicts: dict[str, str] = {}
+    for path in files:
+        records, bad_lines = _read_records(path, channel)
+        if bad_lines:
+            skipped["line is not valid JSON"] += bad_lines
+        for rec in records:
+            if type(rec) is dict and VERDICT_OF in rec:
+                _add_verdict(rec, verdicts, skipped)
+            else:
+                skipped["not a verdict line (the records are Parquet)"] += 1
+    return verdicts
 
 
 def _weight(p: Any) -> float | None:

@@ -28,15 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from trainer import onnx_export
-from trainer.data import (
-    FAULT,
-    NORMAL,
-    Dataset,
-    Split,
-    describe_skipped,
-    load_dataset,
-    split_dataset,
-)
+from trainer.columnar import load_channel
+from trainer.data import FAULT, NORMAL, Dataset, Split, describe_skipped, split_dataset
 from trainer.detection import detection_rates, parse_fault_rules, resolve_verdicts
 from trainer.errors import ChampionError, DataError, TrainingError
 from trainer.families import ModelFamily, get_family
@@ -53,16 +46,19 @@ def log(message: str) -> None:
     print(f"[trainer] {message}", flush=True)
 
 
-def load_champion(path: Path, common: CommonParams) -> ort.InferenceSession | None:
-    """The champion's ONNX session, or None without a champion."""
+def load_champion(path: Path, common: CommonParams) -> tuple[bytes, ort.InferenceSession] | None:
+    """The champion ONNX (bytes and session), checked against the conventions; None without one.
+
+    Loaded before training, so a broken champion fails the run before a long fit."""
     if not path.is_file():
         return None
+    model_bytes = path.read_bytes()
     try:
-        sess = onnx_export.session(path.read_bytes())
+        sess = onnx_export.session(model_bytes)
     except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
         raise ChampionError(f"champion model.onnx cannot be loaded: {exc}") from None
     onnx_export.check_conventions(sess, len(common.features), what="champion")
-    return sess
+    return model_bytes, sess
 
 
 def _run_champion(sess: ort.InferenceSession, features: np.ndarray,
@@ -141,7 +137,7 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
         f"{len(common.features)} features, params {params}")
 
     phase.start()
-    data = load_dataset(paths.train_channel, len(common.features),
+    data = load_channel(paths.train_channel, len(common.features),
                         with_labels=family.needs_labels)
     log(f"loaded {len(data)} usable records from {data.files} files in "
         f"{phase.end('load'):.2f}s; skipped {data.skipped} "
@@ -162,8 +158,10 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
     train_split, holdout = split_dataset(data, common.holdout_percent)
     phase.end("split")
     family.check_data(params, train_split, holdout)
+    champion_loaded = load_champion(paths.champion_model, common)
+    champion_bytes, champion_sess = champion_loaded or (None, None)
 
-    fitted = family.fit(params, common, train_split)
+    fitted = family.fit(params, common, train_split, champion_bytes)
     log(f"fitted on {len(train_split)} records in {phase.end('fit'):.2f}s: {fitted.details}")
 
     model_bytes = onnx_export.finalize(
@@ -174,7 +172,6 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
     exported = onnx_export.run(sess, holdout.features)
     parity = onnx_export.parity(family.library_outputs(fitted, holdout.features), exported)
     challenger = family.evaluate(fitted, params, common, holdout, *exported)
-    champion_sess = load_champion(paths.champion_model, common)
     champion = score_champion(champion_sess, family, fitted, params, common, holdout)
     detection = score_detection(family, sess, fitted.metadata, champion_sess, labelled,
                                 labelled_verdicts, int(confirmed_faults.sum()))

@@ -39,3 +39,7 @@ class ExportError(TrainingError):
 
 class UnknownFamilyError(HyperparameterError):
     """The `family` hyperparameter names no registered model family."""
+
+
+class FamilyUnavailableError(HyperparameterError):
+    """The family exists but its optional dependencies (e.g. PyTorch) are not installed."""

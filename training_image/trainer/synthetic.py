@@ -126,3 +126,16 @@ def classifier_hyperparameters(**overrides: Any) -> dict[str, Any]:
     }
     values.update(overrides)
     return values
+
+
+def cnn_hyperparameters(**overrides: Any) -> dict[str, Any]:
+    """The digits CNN; small enough to train in seconds on a CPU (override `epochs`)."""
+    values: dict[str, Any] = {
+        "family": "cnn", "model_name": "digits", "model_version": "1",
+        "metric": "accuracy", "features": json.dumps(list(DIGIT_FEATURES)),
+        "label_mode": "required", "image_shape": "8,8", "input_scale": "16",
+        "channels": "16,32", "dense_units": "64", "classes": "10", "epochs": "20",
+        "holdout_percent": "20", "seed": "7",
+    }
+    values.update(overrides)
+    return values

@@ -8,4 +8,5 @@ FAMILY = "mledge.family"  # one of families.FAMILIES
 FEATURES = "mledge.features"  # JSON list of the input's feature names, in column order
 ANOMALY_THRESHOLD = "mledge.anomaly_threshold"  # kmeans_anomaly: distance above which a row is one
 K = "mledge.k"  # kmeans_anomaly: the number of clusters
-CLASSES = "mledge.classes"  # classifier: JSON list of the class labels
+CLASSES = "mledge.classes"  # classifier, cnn: JSON list of the class labels
+CNN_ARCHITECTURE = "mledge.cnn.architecture"  # cnn: JSON of the shapes a warm start must match

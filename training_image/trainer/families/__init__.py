@@ -12,7 +12,7 @@ import importlib
 
 from mledge_update.families import FAMILIES
 
-from trainer.errors import UnknownFamilyError
+from trainer.errors import FamilyUnavailableError, UnknownFamilyError
 from trainer.families.base import FittedModel, ModelFamily
 
 
@@ -26,7 +26,15 @@ def family_class(name: str) -> type[ModelFamily]:
         raise UnknownFamilyError(
             f"unknown family {name!r} (known: {', '.join(family_names())})"
         )
-    cls: type[ModelFamily] = importlib.import_module(f"trainer.families.{name}").FAMILY
+    try:
+        module = importlib.import_module(f"trainer.families.{name}")
+    except ImportError as exc:
+        # A family with an optional dependency (the cnn needs PyTorch, the extra `cnn`):
+        # imported only when a run asks for it, so other images need not install it.
+        raise FamilyUnavailableError(
+            f"family {name!r} needs {exc.name or 'a missing package'}, which this image "
+            f"lacks: install mledge-trainer[{name}]") from None
+    cls: type[ModelFamily] = module.FAMILY
     return cls
 
 

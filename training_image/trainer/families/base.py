@@ -15,7 +15,8 @@ from trainer.hyperparameters import CommonParams, Hyperparameters
 
 @dataclass
 class FittedModel:
-    """A trained scikit-learn estimator plus what metrics.json and the ONNX metadata say about it."""
+    """A trained estimator (scikit-learn, or a PyTorch module for `cnn`) plus what
+    metrics.json and the ONNX metadata say about it."""
 
     estimator: Any
     details: dict[str, Any]
@@ -41,13 +42,15 @@ class ModelFamily(ABC):
         """Raise DataError when there is too little (or unsuitable) data to train."""
 
     @abstractmethod
-    def fit(self, params: Any, common: CommonParams, train: Split) -> FittedModel:
-        """Train on `train`."""
+    def fit(self, params: Any, common: CommonParams, train: Split,
+            champion_model: bytes | None = None) -> FittedModel:
+        """Train on `train`. `champion_model` is the champion's ONNX when there is one:
+        a family that can warm-start from it may (the `cnn` does); the others ignore it."""
 
     @abstractmethod
     def library_outputs(self, fitted: FittedModel, features: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray]:
-        """(label, scores) from scikit-learn, the same quantities the ONNX outputs hold."""
+        """(label, scores) from the training library, the same quantities the ONNX outputs hold."""
 
     @abstractmethod
     def to_onnx(self, fitted: FittedModel, common: CommonParams, target_opset: dict[str, int]

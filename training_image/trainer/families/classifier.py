@@ -81,7 +81,8 @@ class ClassifierFamily(ModelFamily):
                                  random_state=seed)
         return LogisticRegression(C=params.c, max_iter=params.max_iter, random_state=seed)
 
-    def fit(self, params: ClassifierParams, common: CommonParams, train: Split) -> FittedModel:
+    def fit(self, params: ClassifierParams, common: CommonParams, train: Split,
+            champion_model: bytes | None = None) -> FittedModel:
         estimator = self._estimator(params, common.seed)
         pipeline = Pipeline([("scale", StandardScaler()), ("classifier", estimator)])
         with warnings.catch_warnings(record=True) as caught:
@@ -134,14 +135,20 @@ class ClassifierFamily(ModelFamily):
 
     def evaluate(self, fitted: FittedModel, params: ClassifierParams, common: CommonParams,
                  holdout: Split, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-        assert holdout.labels is not None
-        truth, predicted = holdout.labels, np.asarray(labels, dtype=np.int64)
-        weights = holdout.weights if holdout.weighted else None
-        return {
-            "accuracy": float(np.average(truth == predicted, weights=weights)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0,
-                                       sample_weight=weights)),
-        }
+        return classification_metrics(holdout, labels)
+
+
+def classification_metrics(holdout: Split, labels: np.ndarray) -> dict[str, float]:
+    """`accuracy` and `macro_f1` of predicted `labels` against the holdout's labels, each
+    record weighted by its weight (all 1 when the records are unweighted)."""
+    assert holdout.labels is not None
+    truth, predicted = holdout.labels, np.asarray(labels, dtype=np.int64)
+    weights = holdout.weights if holdout.weighted else None
+    return {
+        "accuracy": float(np.average(truth == predicted, weights=weights)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0,
+                                   sample_weight=weights)),
+    }
 
 
 FAMILY = ClassifierFamily

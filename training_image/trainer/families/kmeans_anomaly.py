@@ -158,7 +158,8 @@ class KMeansAnomalyFamily(ModelFamily):
             raise DataError(
                 f"too little data: {len(holdout)} holdout records; silhouette needs at least 3")
 
-    def fit(self, params: KMeansParams, common: CommonParams, train: Split) -> FittedModel:
+    def fit(self, params: KMeansParams, common: CommonParams, train: Split,
+            champion_model: bytes | None = None) -> FittedModel:
         # None when every weight is 1: the unweighted path, bit for bit as before weights.
         weights = train.weights if train.weighted else None
         scaler = StandardScaler().fit(train.features, sample_weight=weights)
