@@ -142,6 +142,12 @@ def list_label_objects(s3: Any, bucket: str, model: str) -> list[dict[str, Any]]
     return out
 
 
+def label_entries(s3: Any, bucket: str, model: str) -> list[dict[str, Any]]:
+    """The manifest entries (`key`, `size`, `etag`) of every verdict object, in key order."""
+    return [{"key": o["Key"], "size": int(o.get("Size", 0)), "etag": o.get("ETag", "").strip('"')}
+            for o in list_label_objects(s3, bucket, model)]
+
+
 def write_snapshot(s3: Any, bucket: str, model: str, version: int,
                    now: datetime | None = None) -> DatasetSnapshot:
     """List the model's raw objects, count their records, write both manifests."""
@@ -155,9 +161,7 @@ def write_snapshot(s3: Any, bucket: str, model: str, version: int,
         objects.append(RawObject(key=key, size=int(entry.get("Size", 0)), etag=etag,
                                  records=records))
     # Verdicts travel in the train channel beside the records (trainer.data reads both).
-    labels = [{"key": o["Key"], "size": int(o.get("Size", 0)),
-               "etag": o.get("ETag", "").strip('"')}
-              for o in list_label_objects(s3, bucket, model)]
+    labels = label_entries(s3, bucket, model)
     snapshot = DatasetSnapshot(
         model=model, version=version, bucket=bucket,
         dataset_key=layout.dataset_key(model, version),
