@@ -19,7 +19,7 @@ The dataset build already keeps one copy per record id, so this loader does not
 de-duplicate again (that would cost a set of every id).
 
 Weights and verdicts match the JSON-lines loader's: each row weighs
-`1 / (inclusion_p × sample_p)` (how likely the device sent it, times how likely the
+`1 / (inclusion_p * sample_p)` (how likely the device sent it, times how likely the
 dataset's sample took it; a missing value counts as 1, a value outside (0, 1] skips
 the row), `reason == "flagged"` marks a flagged reading, and the verdict lines
 (`labels/`, gzip JSON lines) that travel beside the Parquet files give the verdicts.
@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from mledge_update.uplink import FLAGGED, INCLUSION_FIELD, REASON_FIELD
 
 from trainer.data import Dataset, list_data_files, load_dataset, load_verdicts
@@ -231,7 +230,7 @@ def _take(batch: pa.RecordBatch, n_features: int, with_labels: bool, target: _Ta
     features[filled:end] = as32[rows]
     if labels is not None:
         labels[filled:end] = batch.column("label").to_numpy(zero_copy_only=False)[rows]
-    # 1 / (inclusion_p × sample_p): the stream the devices saw, not the uplink filter
+    # 1 / (inclusion_p * sample_p): the stream the devices saw, not the uplink filter
     # nor the dataset's sample (docs/training.md).
     p = _probability(batch, INCLUSION_FIELD) * _probability(batch, SAMPLE_P)
     target.weights[filled:end] = (1.0 / p)[rows]
