@@ -11,6 +11,7 @@ against the model the fleet runs, and the gate compares with that same model.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -31,9 +32,14 @@ def vib_readings(n: int, start: int) -> list[dict[str, Any]]:
             for i in range(start, start + n)]
 
 
+# The model trains on a dataset built over the compacted raw objects; put_raw writes
+# them on this day, so the trigger's dataset window must end just after it.
+RAW_DAY = datetime(2024, 5, 1, 12, tzinfo=UTC).timestamp()
+
+
 def _trigger(env: dict[str, Any], backend: RecordingBackend) -> Trigger:
     return Trigger(clients=env["aws"], settings=env["settings"], config=get_runtime().config,
-                   backend_factory=lambda name: backend)
+                   backend_factory=lambda name: backend, clock=lambda: RAW_DAY)
 
 
 def _complete(env: dict[str, Any], job: str, version: int, champion: float | None) -> None:
