@@ -8,7 +8,7 @@ from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, Request, SQSEvent
 from mledge_update.events import MODEL_APPROVED, PIPELINE_SOURCE
 
-from chalicelib import compaction, completion, ingest, operator_api, packaging, trigger
+from chalicelib import canary, compaction, completion, ingest, operator_api, packaging, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -158,3 +158,11 @@ def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
     return packaging.handle_model_approved(event.detail, clients=rt.clients,
                                            settings=rt.settings, config=rt.config).to_dict()
+
+
+# --- health-gated rollout (chalicelib/canary.py): promote a healthy canary, roll back a bad one ---
+
+@app.schedule(Rate(canary.TICK_MINUTES, unit=Rate.MINUTES))
+def canary_tick(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    canary.tick(clients=rt.clients, settings=rt.settings, config=rt.config)

@@ -74,10 +74,34 @@ class RolloutConfig:
     maximum_per_minute: int = 1000
 
 
+ABORT_FAILURE_TYPES = ("ALL", "FAILED", "REJECTED", "TIMED_OUT")
+
+
 @dataclass(frozen=True)
 class AbortConfig:
     failure_percent: float = 10.0
     min_executed_things: int = 10
+    # ALL: a model that fails on the device (REJECTED: smoke rows, load) aborts too.
+    failure_type: str = "ALL"
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """Health-gated rollout: a release goes to `thing_group` first; the rest of the fleet
+    gets it only when the canary devices report it healthy (chalicelib/canary.py)."""
+
+    thing_group: str = ""  # empty: no canary, a release goes to the whole fleet at once
+    health_readings: int = 50  # readings each canary device runs through the new model
+    min_reports: int = 3  # healthy canary devices needed before the fleet gets it
+    max_failure_percent: float = 20.0  # canary executions FAILED/REJECTED/TIMED_OUT
+    max_error_rate: float = 0.01  # inference failures per reading
+    max_anomaly_rate: float = 0.2  # readings flagged (expected: about 1 - anomaly_quantile)
+    max_latency_ms: float = 50.0  # p95 inference latency on the device
+    max_wait_minutes: int = 30  # no verdict by then: treated as unhealthy
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.thing_group)
 
 
 @dataclass(frozen=True)
@@ -137,6 +161,7 @@ class ModelConfig:
     packaging: PackagingConfig = field(default_factory=PackagingConfig)
     dataset: DatasetConfig | None = None
     """None: train on every raw object (the snapshot of docs/retraining.md)."""
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
 
 
 @dataclass(frozen=True)
@@ -267,8 +292,12 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         uplink=_parse_uplink(f.sub("uplink")),
         packaging=_parse_packaging(f.sub("packaging")),
         dataset=_parse_dataset(f.sub("dataset")) if "dataset" in f.table else None,
+        canary=_parse_canary(f.sub("canary")),
     )
     f.done()
+    if model.canary.enabled and model.canary.thing_group == model.thing_group:
+        raise ConfigError(f"{file}: {where}.canary: thing_group must be a group of its own "
+                          f"(a few of {model.thing_group}'s devices), not the whole fleet")
     return model
 
 
@@ -366,9 +395,26 @@ def _parse_abort(f: _Fields) -> AbortConfig:
     a = AbortConfig(
         failure_percent=f.get("failure_percent", "float", 10.0, minimum=0.0, maximum=100.0),
         min_executed_things=f.get("min_executed_things", "int", 10, minimum=1),
+        failure_type=f.get("failure_type", "str", "ALL", choices=ABORT_FAILURE_TYPES),
     )
     f.done()
     return a
+
+
+def _parse_canary(f: _Fields) -> CanaryConfig:
+    c = CanaryConfig(
+        thing_group=f.get("thing_group", "str", ""),
+        health_readings=f.get("health_readings", "int", 50, minimum=1, maximum=10_000),
+        min_reports=f.get("min_reports", "int", 3, minimum=1),
+        max_failure_percent=f.get("max_failure_percent", "float", 20.0, minimum=0.0,
+                                  maximum=100.0),
+        max_error_rate=f.get("max_error_rate", "float", 0.01, minimum=0.0, maximum=1.0),
+        max_anomaly_rate=f.get("max_anomaly_rate", "float", 0.2, minimum=0.0, maximum=1.0),
+        max_latency_ms=f.get("max_latency_ms", "float", 50.0, minimum=0.0),
+        max_wait_minutes=f.get("max_wait_minutes", "int", 30, minimum=1, maximum=10080),
+    )
+    f.done()
+    return c
 
 
 def _parse_timeout(f: _Fields) -> TimeoutConfig:

@@ -50,6 +50,7 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
         "presignedUrlConfig": {"roleArn": presign_role_arn,
                                "expiresInSec": PRESIGNED_URL_EXPIRY_SECONDS},
         "jobExecutionsRolloutConfig": {
+            "maximumPerMinute": rollout.maximum_per_minute,
             "exponentialRate": {
                 "baseRatePerMinute": rollout.base_rate_per_minute,
                 "incrementFactor": rollout.increment_factor,
@@ -59,7 +60,7 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
             },
         },
         "abortConfig": {"criteriaList": [{
-            "failureType": "FAILED",
+            "failureType": abort.failure_type,
             "action": "CANCEL",
             "thresholdPercentage": abort.failure_percent,
             "minNumberOfExecutedThings": abort.min_executed_things,
@@ -84,7 +85,7 @@ def thing_group_arn(iot: Any, group: str) -> str:
 
 def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                       model_config: ModelConfig, presign_role_arn: str, stage: str,
-                      version: int) -> bool:
+                      version: int, thing_group: str | None = None) -> bool:
     """Create the release's job unless it exists; True when created now.
 
     An existing job that was cancelled is an error, not a success: no device would get it.
@@ -103,7 +104,7 @@ def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                        "presign the download URLs")
     request = job_request(
         job_id=job_id, document=document, model_config=model_config,
-        target_arn=thing_group_arn(iot, model_config.thing_group),
+        target_arn=thing_group_arn(iot, thing_group or model_config.thing_group),
         presign_role_arn=presign_role_arn, stage=stage, version=version,
     )
     try:

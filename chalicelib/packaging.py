@@ -44,6 +44,7 @@ from mledge_update.codecs import encode_full
 from mledge_update.document import (
     Delta,
     FullModel,
+    HealthProbe,
     UpdateJob,
     build_manifest,
     fit_job_document,
@@ -101,8 +102,9 @@ class ModelApproved:
     rollback: bool = False
     replaces: int | None = None
     attempt: str | None = None
-    """Set by an operator action (rollback, release retry): part of the job id, so each
-    action gets its own job and a cancelled job's id is never reused."""
+    """Set by an operator action (rollback, release retry) or an automatic rollback: part
+    of the job id, so each action gets its own job and a cancelled job's id is never reused."""
+    reason: str = ""  # why (a rollback's reason is recorded in the registry)
 
     @classmethod
     def from_detail(cls, detail: Any) -> ModelApproved:
@@ -121,6 +123,9 @@ class ModelApproved:
         if artifact is not None and not isinstance(artifact, str):
             raise PackagingError(f"ModelApproved artifact must be an s3:// URI, got "
                                  f"{shown(artifact)}")
+        reason = detail.get("reason", "")
+        if not isinstance(reason, str):
+            raise PackagingError(f"ModelApproved reason must be a string, got {shown(reason)}")
         flags = {}
         for name in ("manual", "rollback"):
             value = detail.get(name, False)
@@ -139,7 +144,7 @@ class ModelApproved:
             raise PackagingError(f"ModelApproved attempt must be 1-32 letters and digits, got "
                                  f"{shown(attempt)}")
         return cls(model=model, version=version, artifact=artifact or None,
-                   replaces=replaces, attempt=attempt, **flags)
+                   replaces=replaces, attempt=attempt, reason=reason[:1000], **flags)
 
 
 @dataclass
@@ -295,14 +300,19 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases,
                            model_config.packaging, skipped)
 
+    # A canary release goes to the canary group first, asking each device for a health
+    # report; chalicelib/canary.py releases it to the fleet (or rolls it back).
+    canary = model_config.canary.enabled and not event.rollback
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
         full=full, smoke=smoke, schema=model_config.schema.to_document(),
         deltas=tuple(deltas), uplink=model_config.uplink.to_document(),
         rollback=event.rollback,
+        health=HealthProbe(model_config.canary.health_readings) if canary else None,
     )
     manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt)
+    job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt,
+                        canary=canary)
     manifest_key = (f"{prefix}manifest.json" if not event.rollback
                     else f"{prefix}rollback-{job_id}.json")
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
@@ -323,7 +333,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         ota.ensure_update_job(
             clients.iot, job_id=job_id, document=document, model_config=model_config,
             presign_role_arn=settings.iot_presign_role_arn, stage=settings.stage,
-            version=version,
+            version=version, thing_group=model_config.canary.thing_group if canary else None,
         )
     except ota.OtaError as exc:
         raise PackagingError(str(exc)) from None
@@ -341,11 +351,20 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         "manual": event.manual,
         "deltas_skipped": skipped,
         "packaging_seconds": round(time.monotonic() - started, 3),
+        "phase": "canary" if canary else "fleet",
     }
+    if event.reason:
+        release_info["reason"] = event.reason
+    if event.attempt:
+        # The canary's promotion names the fleet job after the same attempt.
+        release_info["attempt"] = event.attempt
     previous = _mark_released(event, registry, clients, job_id, release_info)
     if previous is not None and previous.version != version:
-        old_job = (previous.release or {}).get("job_id")
-        if old_job and old_job != job_id:
+        # The previous release's job keeps serving the fleet while a canary runs.
+        old_jobs = sorted({str(j) for j in ((previous.release or {}).get("job_id"),
+                                            (previous.release or {}).get("canary_job_id"))
+                           if j and j != job_id})
+        for old_job in old_jobs if not canary else []:
             ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
 
     logger.info("released", extra=release_info)

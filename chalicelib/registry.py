@@ -509,6 +509,35 @@ class Registry:
                     from None
             raise
 
+    def update_release(self, model: str, version: int, changes: dict[str, Any],
+                       reason: str) -> None:
+        """Merge `changes` into the RELEASED version's `release` map (a canary promoted to
+        the fleet: its phase and job id) and append `reason` to its history. Raises
+        TransitionError when the version is not RELEASED."""
+        record = self.get(model, version)
+        if record.status is not Status.RELEASED:
+            raise TransitionError(f"{model} v{version} is {record.status}, not RELEASED")
+        now = self.clock()
+        entry = {"at": now, "from": None, "to": None, "reason": reason}
+        try:
+            self.dynamodb.update_item(
+                TableName=self.table,
+                Key=self._key(model, version),
+                UpdateExpression="SET #release = :release, updated_at = :now, "
+                                 "#history = list_append(if_not_exists(#history, :empty), :entry)",
+                ConditionExpression="#status = :released",
+                ExpressionAttributeNames={"#release": "release", "#history": "history",
+                                          "#status": "status"},
+                ExpressionAttributeValues={
+                    ":release": _ser({**(record.release or {}), **changes}),
+                    ":released": {"S": str(Status.RELEASED)}, ":now": {"S": now},
+                    ":entry": _ser([entry]), ":empty": {"L": []}},
+            )
+        except ClientError as exc:
+            if _is_conditional_failure(exc):
+                raise TransitionError(f"{model} v{version} is no longer RELEASED") from None
+            raise
+
     def mark_released(self, model: str, version: int, release: dict[str, Any]) -> None:
         """Record that `version` is now what the fleet runs, in one transaction.
 

@@ -5,7 +5,11 @@ name is the certificate's CN, i.e. the thing name, and `%u` in a pattern plays
 `${iot:Connection.Thing.ThingName}`. A device may publish only its own
 telemetry and use only its own jobs topics; the bridge (its own certificate)
 may use everything. mosquitto drops what the ACL forbids: a publish is
-discarded, a subscription never receives a message.
+discarded, a subscription never receives a message. `use_username_as_clientid`
+ties the client id to the certificate: AWS refuses a connection whose client
+id the policy does not allow, mosquitto instead replaces the id with the
+certificate's name, so a thing claiming another's id connects as itself and
+cannot knock the other offline.
 """
 
 from __future__ import annotations
@@ -69,6 +73,9 @@ def config_text(*, port: int, ca: Path, cert: Path, key: Path, acl: Path) -> str
         f"keyfile {key}",
         "require_certificate true",
         "use_identity_as_username true",
+        # AWS's policy allows only client/${ThingName}: here the client id is replaced by
+        # the certificate's name, so nobody can take (and knock off) another thing's id.
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         "",
     ])

@@ -286,9 +286,12 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    Path(args.ready_file).write_text(json.dumps({
+    # Written whole, then renamed: the stack reads the file as soon as it exists.
+    ready = Path(args.ready_file)
+    ready.with_suffix(".tmp").write_text(json.dumps({
         "routes": [{"queue": r.queue, "handler": r.handler, "kind": r.kind} for r in routes],
     }))
+    ready.with_suffix(".tmp").replace(ready)
     stop.wait()
     dispatcher.stop()
 

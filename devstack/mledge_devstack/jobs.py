@@ -20,16 +20,30 @@ What it does (AWS IoT Jobs semantics, checked against the developer guide):
 - publishes `notify-next` whenever a thing's next pending execution changes;
 - resolves `${aws:iot:s3-presigned-url:...}` placeholders when it hands out a
   job document;
+- validates a request completely before it changes anything: a rejected
+  update (bad `expectedVersion`, `executionNumber`, `stepTimeoutInMinutes`,
+  `statusDetails`, a version conflict, a terminal execution) leaves the
+  execution as it was;
 - honours job cancel (QUEUED executions, IN_PROGRESS ones too with force),
-  execution cancel, in-progress and step timeouts (TIMED_OUT), the retry config
-  (a FAILED/TIMED_OUT execution is queued again with the next executionNumber)
-  and the abort config (the job is canceled once the failure rate crosses the
-  threshold);
+  execution cancel (a terminal execution cannot be canceled: the IoT API
+  answers `InvalidStateTransitionException`, as AWS does), in-progress and step
+  timeouts (TIMED_OUT), the retry config (a FAILED/TIMED_OUT execution is queued
+  again with the next executionNumber; the earlier attempts stay describable by
+  their executionNumber) and the abort config (per failure type: the job is
+  canceled once that type's share of the executed things reaches the threshold
+  after at least `minNumberOfExecutedThings` have executed);
+- applies the rollout config (`rollout.RolloutGate`): at most
+  `maximumPerMinute` (default 1000) things are notified in any minute, and with
+  `exponentialRate` the rate starts at `baseRatePerMinute` and is multiplied by
+  `incrementFactor` each time another `numberOfNotifiedThings` /
+  `numberOfSucceededThings` is reached; a thing not yet reached has no execution;
+- serves a thing's pending jobs IN_PROGRESS first, then QUEUED in the order
+  they were queued and, for the same instant, in the order the jobs were
+  created (not by job id);
 - keeps `describe_job`'s counts and the job status (IN_PROGRESS -> COMPLETED)
   current.
 
-Not simulated: the rollout rate (every execution is queued at once) and the
-`.../jobs/notify` topic.
+Not simulated: the `.../jobs/notify` topic and scheduling windows.
 
 Thread safety: every public method takes one lock; moto's own request threads
 (cancel calls) write only `status`/`force_canceled` fields, which `sync` reads.
@@ -37,6 +51,7 @@ Thread safety: every public method takes one lock; moto's own request threads
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -56,6 +71,8 @@ from mledge_update.iot_jobs import (
     check_step_timeout,
 )
 from mledge_update.topics import JOBS_REQUEST_FILTERS, jobs_topic_root
+
+from mledge_devstack.rollout import RolloutGate
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +119,21 @@ class _Meta:
     step_deadline: float | None = None
     retries: dict[str, int] = field(default_factory=dict)
     last_status: str = QUEUED  # to notice cancels made through the IoT API
+    # Earlier attempts of a retried execution, by executionNumber (frozen copies).
+    attempts: dict[int, Any] = field(default_factory=dict)
+
+
+_UNSET = object()
+
+
+def _int_field(request: dict[str, Any], name: str) -> int | None:
+    """An optional integer request field; anything else is AWS's InvalidRequest."""
+    value = request.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobsRejectedError("InvalidRequest", f"{name} must be an integer, got {value!r}")
+    return value
 
 
 def _epoch(value: datetime | None) -> int | None:
@@ -162,13 +194,47 @@ class JobsEngine:
         self._meta: dict[tuple[str, str], _Meta] = {}
         self._expanded: set[str] = set()
         self._notified_next: dict[str, tuple[str, int] | None] = {}
+        self._created: dict[str, int] = {}  # job id -> creation order (moto keeps seconds only)
+        self._gates: dict[str, RolloutGate] = {}
+        # Indexes over _meta, so a device request costs O(its thing's jobs), not O(fleet).
+        self._things_of_job: dict[str, set[str]] = {}
+        self._jobs_of_thing: dict[str, set[str]] = {}
+        self._guard_backend()
+
+    def _guard_backend(self) -> None:
+        """Make moto's IoT API refuse what AWS refuses on executions the engine owns."""
+        from moto.iot.exceptions import InvalidStateTransitionException, ResourceNotFoundException
+
+        cancel, describe = self.backend.cancel_job_execution, self.backend.describe_job_execution
+
+        def cancel_job_execution(job_id: str, thing_name: str, force: bool) -> None:
+            with self._lock:
+                ex = self.backend.job_executions.get((job_id, thing_name))
+                if ex is not None and ex.status in TERMINAL:
+                    raise InvalidStateTransitionException(
+                        f"job execution {job_id}/{thing_name} is {ex.status} (terminal)")
+                return cancel(job_id, thing_name, force)
+
+        def describe_job_execution(job_id: str, thing_name: str, execution_number: int | None) -> Any:
+            with self._lock:
+                meta = self._meta.get((job_id, thing_name))
+                if (meta is not None and execution_number is not None
+                        and int(execution_number) in meta.attempts):
+                    return meta.attempts[int(execution_number)]
+                ex = self.backend.job_executions.get((job_id, thing_name))
+                if ex is None and (job_id, thing_name) not in self._meta:
+                    raise ResourceNotFoundException()
+                return describe(job_id, thing_name, execution_number)
+
+        self.backend.cancel_job_execution = cancel_job_execution
+        self.backend.describe_job_execution = describe_job_execution
 
     # ------------------------------------------------------------------ queries
 
     def execution_states(self, job_id: str) -> dict[str, str]:
         """thing name -> execution status, for one job."""
         with self._lock:
-            return {thing: ex.status for (jid, thing), ex in self._executions() if jid == job_id}
+            return {thing: ex.status for thing, ex in self._job_executions(job_id)}
 
     # ------------------------------------------------------------- periodic sync
 
@@ -198,14 +264,34 @@ class JobsEngine:
             if key in self._meta:
                 yield key, ex
 
+    def _job_executions(self, job_id: str) -> Iterator[tuple[str, Any]]:
+        for thing in list(self._things_of_job.get(job_id, ())):
+            ex = self.backend.job_executions.get((job_id, thing))
+            if ex is not None:
+                yield thing, ex
+
+    def _track(self, job_id: str, thing: str, meta: _Meta) -> None:
+        self._meta[(job_id, thing)] = meta
+        self._things_of_job.setdefault(job_id, set()).add(thing)
+        self._jobs_of_thing.setdefault(thing, set()).add(job_id)
+
+    def _untrack(self, key: tuple[str, str]) -> None:
+        del self._meta[key]
+        self._things_of_job.get(key[0], set()).discard(key[1])
+        self._jobs_of_thing.get(key[1], set()).discard(key[0])
+
     def _expand(self, job: Any, now: float) -> None:
+        self._created.setdefault(job.job_id, len(self._created))
         if job.job_id in self._expanded and job.target_selection != "CONTINUOUS":
+            self._release(job, now)
             return
         if job.status == CANCELED and job.job_id not in self._expanded:
             self._expanded.add(job.job_id)
             return
-        from moto.iot.models import FakeJobExecution
-
+        gate = self._gates.get(job.job_id)
+        if gate is None:
+            gate = self._gates[job.job_id] = RolloutGate.from_config(
+                job.job_executions_rollout_config, now)
         for target in job.targets:
             if ":thinggroup/" in target:
                 group = _thing_name(target)
@@ -225,32 +311,52 @@ class JobsEngine:
                 key = (job.job_id, thing)
                 if key in self._meta:
                     continue
-                ex = self.backend.job_executions.get(key)
-                if ex is None:
-                    ex = FakeJobExecution(job.job_id, arn)
-                    self.backend.job_executions[key] = ex
-                # moto fills placeholders (123); start the way AWS does.
-                ex.status, ex.status_details_map = QUEUED, {}
-                ex.execution_number, ex.version_number = 1, 1
-                ex.queued_at = ex.last_updated_at = _now_dt(now)
-                ex.started_at = None
-                ex.approximate_seconds_before_time_out = None
-                self._meta[key] = _Meta(thing_arn=arn)
+                if job.job_id not in self._expanded:
+                    # moto made an execution per thing target at once; AWS makes it when
+                    # the rollout reaches the thing.
+                    self.backend.job_executions.pop(key, None)
+                gate.add(thing, arn)
         self._expanded.add(job.job_id)
         if job.status == QUEUED:
             job.status = IN_PROGRESS  # AWS reports a created job as IN_PROGRESS
             job.last_updated_at = _now_dt(now)
+        self._release(job, now)
+
+    def _release(self, job: Any, now: float) -> None:
+        """Create the executions the rollout rate allows now."""
+        gate = self._gates.get(job.job_id)
+        if gate is None or job.status != IN_PROGRESS:
+            return
+        from moto.iot.models import FakeJobExecution
+
+        succeeded = sum(1 for _t, ex in self._job_executions(job.job_id) if ex.status == SUCCEEDED)
+        for thing, arn in gate.release(now, succeeded):
+            key = (job.job_id, thing)
+            ex: Any = FakeJobExecution(job.job_id, arn)  # fields set the AWS way below
+            self.backend.job_executions[key] = ex
+            # moto fills placeholders (123); start the way AWS does.
+            ex.status, ex.status_details_map = QUEUED, {}
+            ex.execution_number, ex.version_number = 1, 1
+            ex.queued_at = ex.last_updated_at = _now_dt(now)
+            ex.started_at = None
+            ex.approximate_seconds_before_time_out = None
+            self._track(job.job_id, thing, _Meta(thing_arn=arn))
 
     def _forget_deleted_jobs(self) -> None:
         for key in list(self._meta):
             if key[0] not in self.backend.jobs or key not in self.backend.job_executions:
-                del self._meta[key]
+                self._untrack(key)
         self._expanded &= set(self.backend.jobs)
+        for job_id in list(self._gates):
+            if job_id not in self.backend.jobs:
+                del self._gates[job_id]
 
     def _cancel_pending(self, job: Any, now: float) -> None:
-        for (job_id, thing), ex in self._executions():
-            if job_id != job.job_id:
-                continue
+        gate = self._gates.get(job.job_id)
+        if gate is not None:
+            gate.stop()  # things the rollout had not reached never get an execution
+        job_id = job.job_id
+        for thing, ex in self._job_executions(job_id):
             if ex.status == QUEUED or (ex.status == IN_PROGRESS and job.force):
                 ex.status = CANCELED
                 ex.force_canceled = ex.force_canceled or bool(job.force)
@@ -272,10 +378,9 @@ class JobsEngine:
         counts = dict.fromkeys(
             (QUEUED, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, CANCELED, TIMED_OUT, REMOVED), 0)
         total = 0
-        for (job_id, _thing), ex in self._executions():
-            if job_id == job.job_id:
-                counts[ex.status] = counts.get(ex.status, 0) + 1
-                total += 1
+        for _thing, ex in self._job_executions(job.job_id):
+            counts[ex.status] = counts.get(ex.status, 0) + 1
+            total += 1
         job.job_process_details = {
             "processingTargets": list(job.targets),
             "numberOfQueuedThings": counts[QUEUED],
@@ -288,6 +393,9 @@ class JobsEngine:
             "numberOfRemovedThings": counts[REMOVED],
         }
         pending = counts[QUEUED] + counts[IN_PROGRESS]
+        gate = self._gates.get(job.job_id)
+        if gate is not None:
+            pending += gate.waiting
         if (job.status == IN_PROGRESS and job.target_selection != "CONTINUOUS"
                 and total > 0 and pending == 0):
             job.status = "COMPLETED"
@@ -319,6 +427,9 @@ class JobsEngine:
         if job.status != IN_PROGRESS or used >= allowed:
             return False
         meta.retries[status] = used + 1
+        earlier = copy.copy(ex)
+        earlier.status_details_map = dict(ex.status_details_map)
+        meta.attempts[ex.execution_number] = earlier
         # A retry is a new execution of the same job for the thing (AWS: executionNumber + 1).
         ex.status, ex.status_details_map = QUEUED, {}
         ex.execution_number += 1
@@ -332,7 +443,7 @@ class JobsEngine:
         criteria = (job.abort_config or {}).get("criteriaList") or []
         if job.status != IN_PROGRESS or not criteria:
             return
-        statuses = [ex.status for (jid, _t), ex in self._executions() if jid == job.job_id]
+        statuses = [ex.status for _t, ex in self._job_executions(job.job_id)]
         executed = [s for s in statuses if s in (SUCCEEDED, FAILED, REJECTED, TIMED_OUT)]
         for criterion in criteria:
             kind = criterion.get("failureType", "ALL")
@@ -362,8 +473,9 @@ class JobsEngine:
         expires = int((job.presigned_url_config or {}).get("expiresInSec", 3600))
         return resolve_placeholders(document, self.presign, expires)
 
-    def _execution(self, job_id: str, thing: str, *, document: bool) -> dict[str, Any]:
-        ex = self.backend.job_executions[(job_id, thing)]
+    def _execution(self, job_id: str, thing: str, *, document: bool,
+                   attempt: Any = None) -> dict[str, Any]:
+        ex = attempt if attempt is not None else self.backend.job_executions[(job_id, thing)]
         out: dict[str, Any] = {
             "jobId": job_id,
             "thingName": thing,
@@ -392,22 +504,23 @@ class JobsEngine:
 
     # ------------------------------------------------------------------- next
 
-    def _pending_by_thing(self) -> dict[str, list[str]]:
-        """Pending job ids per thing: IN_PROGRESS first, then QUEUED, oldest first (one pass)."""
-        rows: dict[str, list[tuple[int, Any, str]]] = {}
-        for (job_id, thing), ex in self._executions():
-            rows.setdefault(thing, [])
-            if ex.status in PENDING and job_id in self.backend.jobs:
-                rows[thing].append((PENDING.index(ex.status), ex.queued_at, job_id))
-        return {thing: [job_id for *_ignored, job_id in sorted(r)] for thing, r in rows.items()}
-
     def _pending(self, thing: str) -> list[str]:
-        return self._pending_by_thing().get(thing, [])
+        """The thing's pending job ids: IN_PROGRESS first, then QUEUED, oldest first."""
+        rows = []
+        for job_id in list(self._jobs_of_thing.get(thing, ())):
+            ex = self.backend.job_executions.get((job_id, thing))
+            if ex is not None and ex.status in PENDING and job_id in self.backend.jobs:
+                rows.append((PENDING.index(ex.status), ex.queued_at,
+                             self._created.get(job_id, 0), job_id))
+        return [job_id for *_ignored, job_id in sorted(rows)]
 
-    def _notify_changes(self, now: float) -> list[Outgoing]:
-        by_thing = self._pending_by_thing()
+    def _notify_changes(self, now: float, things: set[str] | None = None) -> list[Outgoing]:
+        """notify-next for every thing (or just `things`) whose next execution changed."""
+        if things is None:
+            things = set(self._jobs_of_thing) | set(self._notified_next)
+        by_thing = {thing: self._pending(thing) for thing in things}
         out = []
-        for thing in sorted(set(by_thing) | set(self._notified_next)):
+        for thing in sorted(things):
             pending = by_thing.get(thing, [])
             current = None
             if pending:
@@ -446,7 +559,8 @@ class JobsEngine:
                 if not isinstance(request, dict):
                     request = {}
                     raise JobsRejectedError("InvalidJson", "payload must be a JSON object")
-                early = self.sync()  # a job created a moment ago is visible at once
+                if any(job_id not in self._expanded for job_id in self.backend.jobs):
+                    early = self.sync()  # a job created a moment ago is visible at once
                 try:
                     self._check_request(request)
                 except InvalidJobsRequestError as exc:
@@ -465,9 +579,12 @@ class JobsEngine:
                 if exc.execution_state is not None:
                     body["executionState"] = exc.execution_state
                 reply = Outgoing(f"{topic}/rejected", self._stamp(body, request, now))
-            for job in list(self.backend.jobs.values()):
-                self._refresh_job(job, now)
-            return [*early, reply, *self._notify_changes(now)]
+            # Only the jobs this thing has can have changed (the 1 s sync does the rest).
+            for job_id in list(self._jobs_of_thing.get(thing, ())):
+                job = self.backend.jobs.get(job_id)
+                if job is not None:
+                    self._refresh_job(job, now)
+            return [*early, reply, *self._notify_changes(now, {thing})]
 
     @staticmethod
     def _check_request(request: dict[str, Any]) -> None:
@@ -491,7 +608,9 @@ class JobsEngine:
             body["clientToken"] = request["clientToken"]
         return body
 
-    def _require(self, thing: str, job_id: str, request: dict[str, Any]) -> Any:
+    def _require(self, thing: str, job_id: str, request: dict[str, Any]) -> tuple[str, Any] | None:
+        """(job id, an earlier attempt or None) of the execution a request names."""
+        number = _int_field(request, "executionNumber")
         if job_id == "$next":
             pending = self._pending(thing)
             if not pending:
@@ -502,18 +621,29 @@ class JobsEngine:
             raise JobsRejectedError("ResourceNotFound",
                                     f"no execution of job {job_id} for thing {thing}")
         ex = self.backend.job_executions[key]
-        number = request.get("executionNumber")
         if number is not None and number != ex.execution_number:
-            raise JobsRejectedError("ResourceNotFound",
-                                    f"job {job_id} has no execution number {number} for {thing}")
-        return job_id
+            earlier = self._meta[key].attempts.get(number)
+            if earlier is None:
+                raise JobsRejectedError(
+                    "ResourceNotFound", f"job {job_id} has no execution number {number} for {thing}")
+            return job_id, earlier
+        return job_id, None
 
     @staticmethod
-    def _step_timeout(meta: _Meta, request: dict[str, Any], now: float) -> None:
-        minutes = request.get("stepTimeoutInMinutes")  # checked by _check_request
-        if minutes is None:
-            return
-        meta.step_deadline = None if minutes == -1 else now + minutes * 60
+    def _step_minutes(request: dict[str, Any]) -> Any:
+        """The request's stepTimeoutInMinutes (validated), or _UNSET."""
+        if request.get("stepTimeoutInMinutes") is None:
+            return _UNSET
+        minutes = _int_field(request, "stepTimeoutInMinutes")
+        if minutes is None or not (minutes == -1 or 1 <= minutes <= 10080):
+            raise JobsRejectedError("InvalidRequest",
+                                    "stepTimeoutInMinutes must be -1 or 1 to 10080")
+        return minutes
+
+    @staticmethod
+    def _apply_step_timeout(meta: _Meta, minutes: Any, now: float) -> None:
+        if minutes is not _UNSET:
+            meta.step_deadline = None if minutes == -1 else now + minutes * 60
 
     @staticmethod
     def _status_details(request: dict[str, Any]) -> dict[str, str] | None:
@@ -522,6 +652,7 @@ class JobsEngine:
 
     def _start_next(self, thing: str, request: dict[str, Any], now: float) -> dict[str, Any]:
         details = self._status_details(request)
+        minutes = self._step_minutes(request)
         pending = self._pending(thing)
         if not pending:
             return {}
@@ -529,7 +660,7 @@ class JobsEngine:
         ex = self.backend.job_executions[(job_id, thing)]
         meta = self._meta[(job_id, thing)]
         if ex.status == QUEUED:
-            self._step_timeout(meta, request, now)
+            self._apply_step_timeout(meta, minutes, now)
             ex.status = IN_PROGRESS
             ex.version_number += 1
             ex.started_at = ex.last_updated_at = _now_dt(now)
@@ -548,26 +679,30 @@ class JobsEngine:
         return {"inProgressJobs": in_progress, "queuedJobs": queued}
 
     def _describe(self, thing: str, job_id: str, request: dict[str, Any]) -> dict[str, Any]:
-        resolved = self._require(thing, job_id, request)
-        if resolved is None:
+        found = self._require(thing, job_id, request)
+        if found is None:
             return {}
+        resolved, attempt = found
         include = request.get("includeJobDocument", True) is not False
-        return {"execution": self._execution(resolved, thing, document=include)}
+        return {"execution": self._execution(resolved, thing, document=include, attempt=attempt)}
 
     def _update(self, thing: str, job_id: str, request: dict[str, Any],
                 now: float) -> dict[str, Any]:
-        resolved = self._require(thing, job_id, request)
-        if resolved is None:
-            raise JobsRejectedError("ResourceNotFound", f"no pending job execution for {thing}")
-        key = (resolved, thing)
-        ex = self.backend.job_executions[key]
-        meta = self._meta[key]
+        # Everything is checked before anything changes: a rejected update changes nothing.
         status = request.get("status")
         if status not in DEVICE_SETTABLE:
             raise JobsRejectedError(
                 "InvalidRequest", f"status must be one of {', '.join(DEVICE_SETTABLE)}, got {status!r}")
         details = self._status_details(request)
-        expected = request.get("expectedVersion")
+        expected = _int_field(request, "expectedVersion")
+        minutes = self._step_minutes(request)
+        found = self._require(thing, job_id, request)
+        if found is None:
+            raise JobsRejectedError("ResourceNotFound", f"no pending job execution for {thing}")
+        resolved, attempt = found
+        key = (resolved, thing)
+        ex = attempt if attempt is not None else self.backend.job_executions[key]
+        meta = self._meta[key]
         if expected is not None and expected != ex.version_number:
             raise JobsRejectedError(
                 "VersionMismatch",
@@ -581,7 +716,7 @@ class JobsEngine:
         if details is not None:
             ex.status_details_map = details
         if status == IN_PROGRESS:
-            self._step_timeout(meta, request, now)
+            self._apply_step_timeout(meta, minutes, now)
             if ex.status == QUEUED:
                 ex.started_at = _now_dt(now)
             ex.status = IN_PROGRESS

@@ -29,28 +29,66 @@ class MqttError(Exception):
 
 
 class MqttClient:
-    """One MQTT 3.1.1 connection with a client certificate; client id = credentials.name."""
+    """One MQTT 3.1.1 connection with a client certificate; client id = credentials.name.
+
+    With clean sessions the broker forgets subscriptions when the connection
+    drops (a broker restart): awscrt reconnects on its own, and on resume this
+    client subscribes again to everything it had, and logs it.
+    `client_id` other than the certificate's name exists only to test the
+    broker's refusal of impersonation.
+    """
 
     def __init__(self, credentials: ClientCredentials, *, host: str = "localhost", port: int,
-                 keep_alive_secs: int = 30) -> None:
+                 keep_alive_secs: int = 30, client_id: str | None = None) -> None:
         self.credentials = credentials
         self.host, self.port = host, port
         self.connected = False
+        self.resumed = 0  # reconnections after an interruption
         self._connection: mqtt.Connection = mqtt_connection_builder.mtls_from_path(
             endpoint=host, port=port,
             cert_filepath=str(credentials.cert_path),
             pri_key_filepath=str(credentials.key_path),
             ca_filepath=str(credentials.ca_path),
-            client_id=credentials.name,
+            client_id=client_id or credentials.name,
             clean_session=True,
             keep_alive_secs=keep_alive_secs,
             enable_metrics_collection=False,
+            on_connection_interrupted=self._interrupted,
+            on_connection_resumed=self._resumed,
+            reconnect_min_timeout_secs=1,
+            reconnect_max_timeout_secs=5,
             client_bootstrap=io.ClientBootstrap.get_or_create_static_default(),
         )
 
     @property
     def name(self) -> str:
         return self.credentials.name
+
+    # awscrt event-loop callbacks: log and hand off, never wait on the connection here.
+    def _interrupted(self, connection: mqtt.Connection, error: Exception, **_: Any) -> None:
+        log.warning("%s: MQTT connection lost: %s", self.name, error)
+
+    def _resumed(self, connection: mqtt.Connection, return_code: Any, session_present: bool,
+                 **_: Any) -> None:
+        self.resumed += 1
+        if session_present:
+            log.info("%s: MQTT connection resumed with its session", self.name)
+            return
+        future, _packet = connection.resubscribe_existing_topics()
+
+        def done(result: Any) -> None:
+            try:
+                topics = result.result().get("topics", [])
+                log.info("%s: MQTT connection resumed; resubscribed to %d topic filter(s)",
+                         self.name, len(topics))
+            except Exception as exc:
+                log.error("%s: MQTT connection resumed but resubscribing failed: %s",
+                          self.name, exc)
+
+        if future is None:
+            log.info("%s: MQTT connection resumed; resubscribed to 0 topic filter(s)", self.name)
+        else:
+            future.add_done_callback(done)
 
     def connect(self, timeout: float = 10.0) -> MqttClient:
         if self.connected:

@@ -46,6 +46,8 @@ def provision_stage(clients: AwsClients, settings: Settings) -> dict[str, Any]:
         response = clients.iot.create_thing_group(thingGroupName=model.thing_group)
         groups[model.name] = {"thing_group": model.thing_group,
                               "thing_group_arn": response["thingGroupArn"]}
+        if model.canary.enabled:  # the canary devices: also members of the model's group
+            clients.iot.create_thing_group(thingGroupName=model.canary.thing_group)
     return {"queues": queues, "thing_groups": groups}
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
 from typing import Any
 
-from mledge_update.document import OPERATION
+from mledge_update import JobDocumentError
+from mledge_update.document import OPERATION, HealthProbe, parse_job_document
 from mledge_update.topics import telemetry_topic
 from mledge_update.uplink import INCLUSION_FIELD, REASON_FIELD, SUMMARY
 
@@ -45,6 +47,13 @@ def crash_hook_from_env() -> CrashHook:
             os._exit(CRASH_EXIT_CODE)
 
     return hook
+
+
+def _health_probe(document: dict[str, Any]) -> HealthProbe | None:
+    try:
+        return parse_job_document(document).health
+    except JobDocumentError:
+        return None
 
 
 class Agent:
@@ -84,6 +93,7 @@ class Agent:
         self.jobs = JobsClient(
             self.link, config.thing, self._handle_execution,
             request_timeout_s=config.request_timeout, before_start_next=self._report_pending,
+            on_idle=self._idle,
         )
         self.counter = UplinkCounter()
         self._policy = UplinkPolicy()
@@ -100,6 +110,7 @@ class Agent:
         self.last_inference_us: int | None = None
         self._updates = {"succeeded": 0, "failed": 0, "rejected": 0}
         self._last_job: dict[str, Any] | None = None
+        self._health: dict[str, dict[str, str]] = {}  # job id -> health figures to report
         self._window = self._new_window()
         self._next_summary = time.monotonic() + self._policy.summary_interval_seconds
 
@@ -168,8 +179,9 @@ class Agent:
         pending = self.store.state.pending_report
         if pending is None:
             return
+        details = {**pending.details, **self._health.get(pending.job_id, {})}
         try:
-            reply = jobs.update(pending.job_id, SUCCEEDED, pending.details)
+            reply = jobs.update(pending.job_id, SUCCEEDED, details)
         except JobCanceledError as exc:
             log.warning("pending report for %s dropped: %s", pending.job_id, exc)
             self.store.clear_pending(pending.job_id)
@@ -177,7 +189,12 @@ class Agent:
         if reply.accepted:
             log.info("reported job %s SUCCEEDED (installed before a restart)", pending.job_id)
             self.store.clear_pending(pending.job_id)
+            self._health.pop(pending.job_id, None)
             self.store.crash_hook("after_report")
+
+    def _idle(self) -> None:
+        """No job is pending: nothing will resume a partial download (its job was canceled)."""
+        self.downloader.discard_others()
 
     def _handle_execution(self, jobs: JobsClient, execution: JobExecution) -> None:
         job_id = execution.job_id
@@ -221,6 +238,19 @@ class Agent:
                          status_details(stage="internal", version=version, reason=repr(exc)))
             return
         self._record_job(job_id, SUCCEEDED, result.codec)
+        probe = _health_probe(document)
+        if probe is not None and result.codec != "already-installed":
+            report(status_details(stage="health", version=version))
+            self._health[job_id] = self.measure_health(probe)
+        pending = self.store.state.pending_report
+        if pending is None or pending.job_id != job_id:
+            # Nothing was installed (another job brought this model already, e.g. a canary
+            # job before the fleet's): there is no pending report, so report now.
+            try:
+                jobs.update(job_id, SUCCEEDED, result.details)
+            except JobCanceledError as exc:
+                log.warning("could not report SUCCEEDED for %s: %s", job_id, exc)
+            return
         self._report_pending(jobs)  # SUCCEEDED only now: installed, swapped, persisted
 
     def _finish(self, jobs: JobsClient, job_id: str, status: str, details: dict[str, str]) -> None:
@@ -243,6 +273,46 @@ class Agent:
                 self._updates[key] += 1
             self._last_job = {"job_id": job_id, "status": status, "detail": detail[:300],
                               "at": time.time()}
+
+    def measure_health(self, probe: HealthProbe) -> dict[str, str]:
+        """Run `probe.readings` fresh sensor readings through the serving model: the
+        share that fail (an exception or a non-finite score), the share flagged as
+        anomalies and the p95 latency. A canary release goes on only when these are
+        within the model's limits (chalicelib/canary.py)."""
+        model = self.handle.current
+        if model is None or self.config.sensor == "none":
+            return status_details(health_readings=0)
+        info = self.handle.info
+        source = make_source(self.config.sensor, self.config.effective_seed + 7919
+                             * (info.version if info else 0), self.config.fault_rate)
+        errors = anomalies = 0
+        latencies: list[float] = []
+        for _ in range(probe.readings):
+            reading = source.read()
+            started = time.perf_counter()
+            try:
+                prediction = model.predict(reading.features)
+            except Exception as exc:  # what the canary must catch, whatever it is
+                errors += 1
+                log.debug("health probe: inference failed: %s", exc)
+                continue
+            finally:
+                latencies.append(time.perf_counter() - started)
+            if not math.isfinite(prediction.score):
+                errors += 1
+            elif prediction.anomaly:
+                anomalies += 1
+        latencies.sort()
+        p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else 0.0
+        figures = status_details(
+            health_readings=probe.readings,
+            health_error_rate=f"{errors / probe.readings:.4f}",
+            health_anomaly_rate=f"{anomalies / probe.readings:.4f}",
+            health_latency_p95_ms=f"{p95 * 1000:.3f}",
+        )
+        log.info("health of v%s over %d readings: %s", info.version if info else "?",
+                 probe.readings, figures)
+        return figures
 
     # -- telemetry ---------------------------------------------------------------
     def _new_window(self) -> dict[str, Any]:

@@ -78,6 +78,22 @@ class Downloader:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def partials(self) -> set[str]:
+        """SHA-256s of the artifacts with a partial download on disk."""
+        return {path.name.split(".", 1)[0] for path in self.folder.iterdir()
+                if path.suffix in (".part", ".json")}
+
+    def discard_others(self, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Delete every partial download but `keep`'s (a job canceled while the device
+        was off, or replaced, never comes back to finish them); returns what went."""
+        gone = sorted(self.partials() - set(keep))
+        for sha256 in gone:
+            self.discard(sha256)
+        if gone:
+            log.info("deleted %d partial download(s) no pending job needs: %s", len(gone),
+                     ", ".join(g[:12] for g in gone))
+        return gone
+
     def _resume_offset(self, sha256: str, size: int) -> int:
         part, meta = self._paths(sha256)
         try:

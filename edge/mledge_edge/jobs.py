@@ -125,6 +125,7 @@ class JobsClient:
         *,
         request_timeout_s: float = 10.0,
         before_start_next: Callable[[JobsClient], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
         poll_interval_s: float = 300.0,
         retry_interval_s: float = 5.0,
     ) -> None:
@@ -135,6 +136,7 @@ class JobsClient:
         self.prefix = jobs_topic_root(thing)
         self.handle_execution = handle_execution
         self.before_start_next = before_start_next
+        self.on_idle = on_idle  # called when start-next says nothing is pending
         self.request_timeout_s = request_timeout_s
         self._events: queue.Queue[str] = queue.Queue()
         self._pending: dict[str, tuple[threading.Event, list[Reply]]] = {}
@@ -328,6 +330,8 @@ class JobsClient:
         while not self._stop.is_set():
             job = self.start_next()
             if job is None:
+                if self.on_idle is not None:
+                    self.on_idle()
                 return
             key = (job.job_id, str(job.version_number))
             if key in seen:  # the same execution again unchanged: do not spin on it

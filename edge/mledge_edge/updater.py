@@ -130,6 +130,8 @@ class Updater:
                                 status_details(stage="installed", version=job.version,
                                                codec="already-installed"))
 
+        # Partials of other (canceled, replaced) jobs would otherwise fill the disk.
+        self.downloader.discard_others({job.full.sha256, *(d.sha256 for d in job.deltas)})
         report(status_details(stage="downloading", version=job.version))
         model_bytes, codec, downloaded = self._obtain(job_id, job, report, refresh_document)
         report(status_details(stage="verifying", version=job.version, codec=codec,

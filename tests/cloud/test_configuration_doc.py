@@ -8,6 +8,7 @@ import tomllib
 
 from chalicelib.config import (
     AbortConfig,
+    CanaryConfig,
     DatasetConfig,
     FeatureSchema,
     ModelConfig,
@@ -23,12 +24,12 @@ from tests.conftest import REPO
 DOC = (REPO / "docs" / "configuration.md").read_text()
 NOT_TOML_FIELDS = {"name"}  # the table's key, not a field inside it
 SUB_TABLES = {"schema", "training", "hyperparameters", "rollout", "abort", "timeout", "uplink", "packaging",
-              "dataset"}
+              "dataset", "canary"}
 
 
 def test_every_config_field_is_documented() -> None:
     for cls in (ModelConfig, FeatureSchema, TrainingConfig, RolloutConfig, AbortConfig,
-                TimeoutConfig, UplinkPolicy, PackagingConfig, DatasetConfig):
+                TimeoutConfig, UplinkPolicy, PackagingConfig, DatasetConfig, CanaryConfig):
         for f in dataclasses.fields(cls):
             if f.name in NOT_TOML_FIELDS:
                 continue

@@ -98,8 +98,9 @@ def test_first_release_creates_the_job_with_document_and_configs(env) -> None:
     rate = job["jobExecutionsRolloutConfig"]["exponentialRate"]
     assert rate == {"baseRatePerMinute": 20, "incrementFactor": 2.0,
                     "rateIncreaseCriteria": {"numberOfSucceededThings": 10}}
+    assert job["jobExecutionsRolloutConfig"]["maximumPerMinute"] == 1000
     assert job["abortConfig"]["criteriaList"] == [{
-        "failureType": "FAILED", "action": "CANCEL", "thresholdPercentage": 10.0,
+        "failureType": "ALL", "action": "CANCEL", "thresholdPercentage": 10.0,
         "minNumberOfExecutedThings": 10}]
     assert job["timeoutConfig"] == {"inProgressTimeoutInMinutes": 30}
 

@@ -209,6 +209,52 @@ def test_dispatcher_routes_local_training_events_to_the_handler(stack):
     assert written["endpoint"] == stack.env["AWS_ENDPOINT_URL"]
 
 
+def test_a_certificate_cannot_take_another_things_client_id(stack):
+    """AWS's policy allows only client/${ThingName}; here the broker makes the
+    certificate's thing name the client id, so thing A claiming B's id cannot
+    knock B offline (a second connection with the same id would)."""
+    stack.provision_thing("id-a", MODEL)
+    victim = stack.provision_thing("id-b", MODEL)
+    with connected(stack, "id-b") as b:
+        inbox = Inbox()
+        b.subscribe("$aws/things/id-b/jobs/get/accepted", inbox)
+        # id-a's certificate, id-b's client id
+        impostor = MqttClient(stack.credentials("id-a"), port=victim.port, client_id="id-b")
+        with impostor.connect():
+            time.sleep(0.5)  # a takeover would have disconnected b by now
+            b.publish("$aws/things/id-b/jobs/get", {"clientToken": "still-here"})
+            inbox.expect(lambda t, p: p.get("clientToken") == "still-here")
+            assert b.resumed == 0  # b's connection was never dropped
+
+
+def test_bridge_resubscribes_after_the_broker_restarts(stack):
+    stack.provision_thing("restart-a", MODEL)
+    assert stack.broker is not None and stack.cloud is not None
+    stack.broker.stop()
+    stack.broker.start(timeout=WAIT)
+    deadline = time.monotonic() + 3 * WAIT
+    while "resubscribed" not in stack.cloud.log_tail(200):
+        assert time.monotonic() < deadline, stack.cloud.log_tail()
+        time.sleep(0.2)
+    # The Jobs API answers again and telemetry reaches SQS again.
+    with connected(stack, "restart-a") as device:
+        inbox = Inbox()
+        device.subscribe("$aws/things/restart-a/jobs/get/accepted", inbox)
+        device.publish("$aws/things/restart-a/jobs/get", {"clientToken": "after-restart"})
+        inbox.expect(lambda t, p: p.get("clientToken") == "after-restart")
+        device.publish(f"dt/mledge/{MODEL}/restart-a/telemetry",
+                       {"id": "restart-a-1", "features": [1.0]})
+    sqs = stack.clients.sqs
+    url = sqs.get_queue_url(QueueName=stack.settings.telemetry_queue)["QueueUrl"]
+    seen: list[str] = []
+    while "restart-a-1" not in seen:
+        assert time.monotonic() < deadline, f"telemetry never reached SQS after the restart: {seen}"
+        for m in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
+                                     WaitTimeSeconds=1).get("Messages", []):
+            seen.append(json.loads(m["Body"])["id"])
+            sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+
+
 def test_stop_leaves_no_process_behind(stack):
     groups = dict(stack.pids())
     members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) in groups.values()]

@@ -382,13 +382,15 @@ class IotJobsOnBroker:
     def close(self) -> None:
         self.connection.disconnect().result(timeout=10)
 
-    def add_job(self, thing: str, job_id: str, release: Release) -> None:
-        """Create an IoT Job for one thing releasing `release` (notify-next if it is next)."""
+    def add_job(self, thing: str, job_id: str, release: Release,
+                extra: dict[str, Any] | None = None) -> None:
+        """Create an IoT Job for one thing releasing `release` (notify-next if it is next);
+        `extra` adds document fields (e.g. a canary's `health`)."""
         if thing not in {t.thing_name for t in self.backend.things.values()}:
             self.backend.create_thing(thing, None, {})
         self.backend.create_job(
             job_id=job_id, targets=[self.backend.describe_thing(thing).arn], document_source="",
-            document=json.dumps(job_template(release)), description="",
+            document=json.dumps({**job_template(release), **(extra or {})}), description="",
             presigned_url_config={"expiresInSec": 3600}, target_selection="SNAPSHOT",
             job_executions_rollout_config={}, document_parameters={}, abort_config={},
             job_execution_retry_config={}, scheduling_config={}, timeout_config={})

@@ -161,3 +161,54 @@ def test_agent_catches_up_after_the_broker_restarts(tmp_path, artifacts, models)
                 fake.close()
     finally:
         agent.stop()
+
+
+def test_partial_download_of_a_job_canceled_while_off_is_deleted(tmp_path, mosquitto, iot):
+    # A download cut by a power loss; meanwhile the job was canceled, so nothing is pending.
+    downloads = tmp_path / "state" / "downloads"
+    downloads.mkdir(parents=True)
+    stale = "cd" * 32
+    (downloads / f"{stale}.part").write_bytes(b"x" * 4096)
+    (downloads / f"{stale}.json").write_text('{"offset": 4096}')
+    agent = Agent(agent_config(tmp_path, mosquitto))
+    agent.start()
+    try:
+        wait_until(lambda: not any(downloads.iterdir()))
+    finally:
+        agent.stop()
+
+
+def test_a_canary_job_reports_the_new_models_health_with_succeeded(tmp_path, mosquitto, iot,
+                                                                   artifacts, models):
+    agent = Agent(agent_config(tmp_path, mosquitto))
+    agent.start()
+    try:
+        v1 = make_release(artifacts, 1, models[1])
+        iot.add_job("dev-1", "job-v1", v1, extra={"health": {"readings": 40}})
+        done = iot.wait_for_terminal("dev-1", "job-v1")
+        assert done.status == "SUCCEEDED", done.status_details
+        details = done.status_details
+        assert details["health_readings"] == "40" and details["codec"] == "full:zstd"
+        assert 0.0 <= float(details["health_anomaly_rate"]) < 0.5
+        assert float(details["health_error_rate"]) == 0.0
+        assert float(details["health_latency_p95_ms"]) > 0.0
+        assert [d.get("stage") for _, d in done.history][-2] == "health"
+    finally:
+        agent.stop()
+
+
+def test_a_second_job_for_the_installed_model_succeeds_at_once(tmp_path, mosquitto, iot,
+                                                               artifacts, models):
+    # A canary job, then the fleet's job for the same model: nothing to install the second time.
+    agent = Agent(agent_config(tmp_path, mosquitto))
+    agent.start()
+    try:
+        v1 = make_release(artifacts, 1, models[1])
+        iot.add_job("dev-1", "job-canary", v1)
+        assert iot.wait_for_terminal("dev-1", "job-canary").status == "SUCCEEDED"
+        iot.add_job("dev-1", "job-fleet", v1)
+        done = iot.wait_for_terminal("dev-1", "job-fleet")
+        assert done.status == "SUCCEEDED" and done.status_details["codec"] == "already-installed"
+        assert agent.handle.swaps == 1
+    finally:
+        agent.stop()

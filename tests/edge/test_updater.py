@@ -206,3 +206,25 @@ def test_corrupted_current_model_falls_back_to_previous(tmp_path, artifacts, mod
     record = restarted.recover()
     assert record.version == 1 and restarted.state.previous is None
     assert restarted.state.pending_report is None
+
+
+def test_an_update_deletes_partial_downloads_of_other_jobs(tmp_path, artifacts, models):
+    updater = make_updater(tmp_path)
+    folder = updater.downloader.folder
+    stale = "ab" * 32  # a job canceled mid-download while the device was off
+    (folder / f"{stale}.part").write_bytes(b"x" * 1000)
+    (folder / f"{stale}.json").write_text('{"offset": 1000}')
+    release = make_release(artifacts, 1, models[1])
+    run(updater, artifacts, release)
+    assert sorted(folder.iterdir()) == []
+
+
+def test_discard_others_keeps_only_what_is_asked(tmp_path):
+    downloader = Downloader(tmp_path / "dl")
+    for sha in ("aa" * 32, "bb" * 32):
+        (downloader.folder / f"{sha}.part").write_bytes(b"x")
+        (downloader.folder / f"{sha}.json").write_text("{}")
+    assert downloader.discard_others({"bb" * 32}) == ["aa" * 32]
+    assert downloader.partials() == {"bb" * 32}
+    assert downloader.discard_others() == ["bb" * 32]
+    assert list(downloader.folder.iterdir()) == []

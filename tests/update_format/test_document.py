@@ -280,3 +280,18 @@ def test_smoke_from_trainer_golden() -> None:
               "outputs": {"label": [1], "scores": [[0.1, 0.9]]}, "tolerance": 1e-4}
     smoke = smoke_from_golden(golden)
     assert smoke == Smoke("input", [[1.0, 2.5]], {"label": [1], "scores": [[0.1, 0.9]]}, 1e-4)
+
+
+def test_health_probe_round_trips_and_bad_values_are_named():
+    from mledge_update.document import HealthProbe
+
+    job = parse_job_document(_job().to_document())
+    assert job.health is None and "health" not in _job().to_document()
+    probed = parse_job_document({**_job().to_document(), "health": {"readings": 25}})
+    assert probed.health == HealthProbe(readings=25)
+    assert replace(_job(), health=HealthProbe(25)).to_document()["health"] == {"readings": 25}
+    for bad, path in (({"readings": 0}, "health.readings"), ({"readings": "5"}, "health.readings"),
+                      ({"readings": 10_001}, "health.readings"), ([], "health")):
+        with pytest.raises(JobDocumentError) as info:
+            parse_job_document({**_job().to_document(), "health": bad})
+        assert info.value.field == path

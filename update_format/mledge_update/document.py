@@ -73,6 +73,24 @@ class Smoke:
     tolerance: float = 1e-4
 
 
+MAX_HEALTH_READINGS = 10_000
+
+
+@dataclass(frozen=True)
+class HealthProbe:
+    """Asks the device to measure the new model after installing it (a canary release):
+    run `readings` sensor readings through it and report, in the job execution's
+    statusDetails, the error rate, the anomaly rate and the p95 latency
+    (`HEALTH_DETAIL_KEYS`). The cloud compares them with the model's canary limits."""
+
+    readings: int = 50
+
+
+#: statusDetails keys of a health report (string values, as statusDetails must be).
+HEALTH_DETAIL_KEYS = ("health_readings", "health_error_rate", "health_anomaly_rate",
+                      "health_latency_p95_ms")
+
+
 @dataclass(frozen=True)
 class UpdateJob:
     model: str
@@ -86,6 +104,7 @@ class UpdateJob:
     uplink: dict[str, Any] = field(default_factory=dict)
     rollback: bool = False
     format: int = FORMAT_VERSION
+    health: HealthProbe | None = None
 
     def candidates(
         self,
@@ -184,6 +203,7 @@ def _to_dict(job: UpdateJob, location: Location) -> dict[str, Any]:
         },
         "schema": job.schema,
         "uplink": job.uplink,
+        **({"health": {"readings": job.health.readings}} if job.health else {}),
     }
 
 
@@ -343,6 +363,14 @@ def _parse(doc: Any, location: Location, kind: str) -> UpdateJob:
     if not isinstance(rollback, bool):
         raise JobDocumentError("rollback", f"expected true or false, got {_shown(rollback)}")
     uplink = doc.get("uplink", {})
+    health = None
+    if doc.get("health") is not None:
+        probe = _object(doc["health"], "health")
+        readings = _int(probe, "readings", "health.readings", 1)
+        if readings > MAX_HEALTH_READINGS:
+            raise JobDocumentError("health.readings",
+                                   f"at most {MAX_HEALTH_READINGS}, got {readings}")
+        health = HealthProbe(readings=readings)
     return UpdateJob(
         model=_str(doc, "model", "model"),
         version=_int(doc, "version", "version", 1),
@@ -355,6 +383,7 @@ def _parse(doc: Any, location: Location, kind: str) -> UpdateJob:
         uplink=dict(_object(uplink, "uplink")),
         rollback=rollback,
         format=fmt,
+        health=health,
     )
 
 
@@ -409,12 +438,14 @@ def smoke_from_golden(golden: Mapping[str, Any]) -> Smoke:
 
 __all__: Sequence[str] = (
     "FORMAT_VERSION",
+    "HEALTH_DETAIL_KEYS",
     "JOB_DOCUMENT_MAX_CHARS",
     "MODEL_NAME",
     "OPERATION",
     "Artifact",
     "Delta",
     "FullModel",
+    "HealthProbe",
     "Smoke",
     "UpdateJob",
     "build_manifest",

@@ -55,18 +55,21 @@ def job_tags(model: str, version: int, stage: str) -> dict[str, str]:
 
 
 def iot_job_id(model: str, version: int, *, rollback: bool = False,
-               attempt: str | None = None) -> str:
+               attempt: str | None = None, canary: bool = False) -> str:
     """The IoT Job that releases a version: `mledge-<model>-v<NNNNN>`, plus
-    `-rollback-<attempt>` for a rollback or `-retry-<attempt>` for a release retry.
+    `-rollback-<attempt>` for a rollback or `-retry-<attempt>` for a release retry, plus
+    `-canary` for the job of its canary group.
 
-    Each operator action carries its own attempt id, so it gets a job of its own: IoT
-    Jobs never runs a cancelled job again, and rolling back and forth between two
-    versions must not reuse one. The version and attempt survive truncation of a long
-    model name.
+    Each operator action (and each automatic rollback) carries its own attempt id, so it
+    gets a job of its own: IoT Jobs never runs a cancelled job again, and rolling back and
+    forth between two versions must not reuse one. The version, attempt and canary
+    suffix survive truncation of a long model name.
     """
     suffix = f"-v{version:05d}"
     if rollback or attempt:
         suffix += f"-{'rollback' if rollback else 'retry'}-{attempt or 'x'}"
+    if canary:
+        suffix += "-canary"
     return f"{JOB_PREFIX}{model}"[: IOT_JOB_ID_LIMIT - len(suffix)] + suffix
 
 
