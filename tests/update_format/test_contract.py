@@ -91,6 +91,9 @@ def test_iot_job_ids_fit_the_iot_limit():
     assert iot_job_id("m", 3, attempt="c3") == "mledge-m-v00003-retry-c3"
     long = iot_job_id("m" * 63, 99999, rollback=True, attempt="0123456789ab")
     assert len(long) == 64 and long.endswith("-v99999-rollback-0123456789ab")
+    assert iot_job_id("m", 3, canary=True) == "mledge-m-v00003-canary"
+    retry_canary = iot_job_id("m" * 63, 99999, attempt="0123456789ab", canary=True)
+    assert len(retry_canary) == 64 and retry_canary.endswith("-v99999-retry-0123456789ab-canary")
 
 
 def test_telemetry_topics_read_back_and_other_topics_do_not():
