@@ -45,9 +45,14 @@ system-deps:
 lint: env
 	$(PY) -m ruff check .
 	$(PY) -m mypy $(TYPED)
+	$(VENV)/bin/lint-imports  # layering and no import cycles: [tool.importlinter] in pyproject.toml
 
+# The whole suite in two runs: everything that does not start the local stack on two
+# workers, then the stack and end-to-end tests one at a time (they time real devices and
+# would only compete with each other for the CPU).
 test: env system-deps lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not stack" -n 2
+	$(PY) -m pytest -q -m stack
 
 # Everything but the tests that start the local stack (moto server over HTTP, the whole
 # stack, the end-to-end demo), on two workers.

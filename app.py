@@ -8,7 +8,7 @@ from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, Request, SQSEvent
 from mledge_update.events import MODEL_APPROVED, PIPELINE_SOURCE
 
-from chalicelib import canary, compaction, completion, ingest, operator_api, packaging, trigger
+from chalicelib import canary, compaction, completion, ingest, operator_api, packaging, schedule, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -36,13 +36,15 @@ def ingest_telemetry(event: SQSEvent) -> None:
 def on_raw_objects_created(event: SQSEvent) -> None:
     rt = get_runtime()
     trigger.handle_raw_events(event.to_dict(), clients=rt.clients, settings=rt.settings,
-                              config=rt.config)
+                              config=rt.config, registry=rt.registry, state=rt.state,
+                              backend_factory=rt.backend)
 
 
-@app.schedule(Rate(trigger.SCHEDULE_TICK_MINUTES, unit=Rate.MINUTES))
+@app.schedule(Rate(schedule.SCHEDULE_TICK_MINUTES, unit=Rate.MINUTES))
 def retrain_on_schedule(event: CloudWatchEvent) -> None:
     rt = get_runtime()
-    trigger.run_scheduled_trainings(clients=rt.clients, settings=rt.settings, config=rt.config)
+    trigger.run_scheduled_trainings(clients=rt.clients, settings=rt.settings, config=rt.config,
+                                    registry=rt.registry, state=rt.state, backend_factory=rt.backend)
 
 
 # --- compaction: raw/ JSON lines -> Parquet by model and day (chalicelib/compaction.py) ---
@@ -60,21 +62,22 @@ def compact_on_schedule(event: CloudWatchEvent) -> None:
 def on_sagemaker_training_state(event: CloudWatchEvent) -> None:
     rt = get_runtime()
     completion.handle_sagemaker_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
-                                      config=rt.config)
+                                      config=rt.config, registry=rt.registry, state=rt.state)
 
 
 @app.on_cw_event(completion.BATCH_PATTERN)
 def on_batch_training_state(event: CloudWatchEvent) -> None:
     rt = get_runtime()
     completion.handle_batch_event(event.to_dict(), clients=rt.clients, settings=rt.settings,
-                                  config=rt.config)
+                                  config=rt.config, registry=rt.registry, state=rt.state)
 
 
 @app.on_cw_event(completion.LOCAL_PATTERN)
 def on_local_training_state(event: CloudWatchEvent) -> None:
     rt = get_runtime()
     completion.handle_local_training_event(event.to_dict(), clients=rt.clients,
-                                           settings=rt.settings, config=rt.config)
+                                           settings=rt.settings, config=rt.config,
+                                           registry=rt.registry, state=rt.state)
 
 
 # --- operator API (chalicelib/operator_api.py), IAM-authorized -------------------------
@@ -84,7 +87,8 @@ _iam = IAMAuthorizer()
 
 def _operator() -> Operator:
     rt = get_runtime()
-    return Operator(clients=rt.clients, settings=rt.settings, config=rt.config)
+    return Operator(clients=rt.clients, settings=rt.settings, config=rt.config,
+                    registry=rt.registry, state=rt.state, backend_factory=rt.backend)
 
 
 def _request() -> Request:
@@ -156,8 +160,8 @@ EVENT_SOURCE = os.environ.get("MLEDGE_EVENT_SOURCE", PIPELINE_SOURCE)
 @app.on_cw_event({"source": [EVENT_SOURCE], "detail-type": [MODEL_APPROVED]})
 def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
-    return packaging.handle_model_approved(event.detail, clients=rt.clients,
-                                           settings=rt.settings, config=rt.config).to_dict()
+    return packaging.handle_model_approved(event.detail, clients=rt.clients, settings=rt.settings,
+                                           config=rt.config, registry=rt.registry).to_dict()
 
 
 # --- health-gated rollout (chalicelib/canary.py): promote a healthy canary, roll back a bad one ---

@@ -37,7 +37,7 @@ N_CLASSES = 10
 
 def mlp_model(size_mb: float, version: int, seed: int, base: list[np.ndarray] | None = None,
               changed_fraction: float = 0.1) -> tuple[bytes, list[np.ndarray]]:
-    """A 64 -> H -> H -> 10 MLP classifier in the BRIEF ONNX conventions, ~size_mb MB.
+    """A 64 -> H -> H -> 10 MLP classifier in the project's ONNX conventions (docs/training.md), ~size_mb MB.
     With `base`, a fine-tune: `changed_fraction` of each tensor's weights move slightly."""
     rng = np.random.default_rng(seed)
     floats = size_mb * 1e6 / 4

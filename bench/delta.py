@@ -60,7 +60,7 @@ EXTERNAL = ("bsdiff4", "zstd-cli", "hdiffpatch", "xdelta3", "detools")
 
 
 def _export(estimator, n_features: int, family: str, version: int, zipmap: bool = False) -> bytes:
-    """ONNX with the project's conventions: input `input`, outputs `label`/`scores`, metadata."""
+    """ONNX in the project's conventions (docs/training.md): input `input`, outputs `label`/`scores`, metadata."""
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 

@@ -192,7 +192,7 @@ def tick(*, clients: AwsClients, settings: Settings, config: PipelineConfig,
          now: dt.datetime | None = None) -> list[TickResult]:
     """Judge every model's current release once; act on promote / abort."""
     now = now or dt.datetime.now(dt.UTC)
-    registry = Registry(settings.registry_table, clients.dynamodb)
+    registry = Registry.for_settings(settings, clients)
     out = []
     for name in sorted(config.models):
         model_config = config.models[name]

@@ -577,7 +577,7 @@ def run_scheduled_compaction(*, clients: Any, settings: Settings, config: Pipeli
                              budget_seconds: float = RUN_BUDGET_SECONDS) -> CompactionReport:
     """The schedule handler: compact every configured model within one time budget."""
     now = time.time() if now is None else now
-    state = StateStore(settings.state_table, clients.dynamodb)
+    state = StateStore.for_settings(settings, clients)
     report = CompactionReport(run=int(now * 1000))
     deadline = time.time() + budget_seconds
     for model in sorted(config.models):

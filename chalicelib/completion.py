@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import logging
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +38,7 @@ from mledge_update.events import (
 )
 from mledge_update.naming import identify_job
 
+from chalicelib.artifacts import MAX_MEMBER_BYTES, ArtifactError, open_object, parse_s3_uri, tar_members
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import PipelineConfig, UnknownModelError
 from chalicelib.gate import evaluate
@@ -72,10 +72,6 @@ BATCH_FAILED = {"FAILED"}
 
 # metrics.json is small; a bigger member is not ours.
 _MAX_METRICS_BYTES = 1 << 20
-
-
-class ArtifactError(Exception):
-    """The training artifact is missing, unreadable or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -193,51 +189,25 @@ def _batch_failure_reason(detail: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the artifact
 
 
-def _split_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://") or "/" not in uri[5:]:
-        raise ArtifactError(f"model artifact location {uri!r} is not an s3:// URI")
-    bucket, key = uri[5:].split("/", 1)
-    return bucket, key
-
-
 def read_metrics(s3: Any, artifact_uri: str) -> dict[str, Any]:
     """metrics.json out of a job's model.tar.gz, after checking model.onnx is there too.
 
     Streams the archive (it is not held in memory). When metrics.json names the
     ONNX file's SHA-256, the model.onnx in the archive must match it.
     """
-    bucket, key = _split_s3_uri(artifact_uri)
-    try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
-    except ClientError as exc:
-        code = error_code(exc)
-        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
-            raise ArtifactError(f"model artifact {artifact_uri} not found") from None
-        raise
+    bucket, key = parse_s3_uri(artifact_uri)
+    body = open_object(s3, bucket, key)
     metrics_bytes: bytes | None = None
     onnx_sha256: str | None = None
-    try:
-        with tarfile.open(fileobj=body, mode="r|gz") as archive:
-            for member in archive:
-                name = member.name.lstrip("./")
-                if not member.isfile() or name not in ("metrics.json", "model.onnx"):
-                    continue
-                handle = archive.extractfile(member)
-                if handle is None:
-                    continue
-                if name == "metrics.json":
-                    if member.size > _MAX_METRICS_BYTES:
-                        raise ArtifactError(f"metrics.json in {artifact_uri} is too large "
-                                            f"({member.size} bytes)")
-                    metrics_bytes = handle.read()
-                else:
-                    digest = hashlib.sha256()
-                    for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
-                        digest.update(chunk)
-                    onnx_sha256 = digest.hexdigest()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ArtifactError(f"model artifact {artifact_uri} is not a readable tar.gz: {exc}") \
-            from None
+    limits = {"metrics.json": _MAX_METRICS_BYTES, "model.onnx": MAX_MEMBER_BYTES}
+    for name, handle in tar_members(body, artifact_uri, limits):
+        if name == "metrics.json":
+            metrics_bytes = handle.read()
+        else:
+            digest = hashlib.sha256()
+            for chunk in iter(functools.partial(handle.read, 1 << 20), b""):
+                digest.update(chunk)
+            onnx_sha256 = digest.hexdigest()
     if metrics_bytes is None:
         raise ArtifactError(f"model artifact {artifact_uri} has no metrics.json")
     if onnx_sha256 is None:
@@ -275,11 +245,11 @@ class CompletionHandler:
         self.config = config
 
     @classmethod
-    def create(cls, *, clients: AwsClients, settings: Settings, config: PipelineConfig) \
-            -> CompletionHandler:
+    def create(cls, *, clients: AwsClients, settings: Settings, config: PipelineConfig,
+               registry: Registry | None = None, state: StateStore | None = None) -> CompletionHandler:
         return cls(
-            registry=Registry(settings.registry_table, clients.dynamodb),
-            state=StateStore(settings.state_table, clients.dynamodb),
+            registry=registry or Registry.for_settings(settings, clients),
+            state=state or StateStore.for_settings(settings, clients),
             s3=clients.s3, events=clients.events, settings=settings, config=config,
         )
 
@@ -410,20 +380,20 @@ class CompletionHandler:
 
 
 def handle_sagemaker_event(event: dict[str, Any], *, clients: AwsClients, settings: Settings,
-                           config: PipelineConfig) -> CompletionResult:
-    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+                           config: PipelineConfig, **stores: Any) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config, **stores) \
         .handle_sagemaker(event)
 
 
 def handle_local_training_event(event: dict[str, Any], *, clients: AwsClients,
-                                settings: Settings, config: PipelineConfig) -> CompletionResult:
-    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+                                settings: Settings, config: PipelineConfig, **stores: Any) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config, **stores) \
         .handle_sagemaker(event, backend="local")
 
 
 def handle_batch_event(event: dict[str, Any], *, clients: AwsClients, settings: Settings,
-                       config: PipelineConfig) -> CompletionResult:
-    return CompletionHandler.create(clients=clients, settings=settings, config=config) \
+                       config: PipelineConfig, **stores: Any) -> CompletionResult:
+    return CompletionHandler.create(clients=clients, settings=settings, config=config, **stores) \
         .handle_batch(event)
 
 

@@ -1,4 +1,4 @@
-"""The S3 layout of DESIGN.md: one function per kind of key, nothing else builds keys."""
+"""The S3 layout (docs/architecture.md): one function per kind of key, nothing else builds keys."""
 
 from __future__ import annotations
 
@@ -80,12 +80,48 @@ def training_output_prefix(model: str) -> str:
     return f"{MODELS}/{model}/"
 
 
+def training_job_output_prefix(model: str, job_name: str) -> str:
+    """Where SageMaker (and the Batch and local backends) write one job's output."""
+    return f"{training_output_prefix(model)}{job_name}/output/"
+
+
+def training_artifact_key(model: str, job_name: str) -> str:
+    """A job's `model.tar.gz`."""
+    return f"{training_job_output_prefix(model, job_name)}model.tar.gz"
+
+
 def champion_key(model: str, version: int) -> str:
     return f"{RELEASES}/{model}/v{version:05d}/model.onnx"
 
 
 def release_prefix(model: str, version: int) -> str:
     return f"{RELEASES}/{model}/v{version:05d}/"
+
+
+def release_golden_key(model: str, version: int) -> str:
+    return f"{release_prefix(model, version)}golden.json"
+
+
+def release_metrics_key(model: str, version: int) -> str:
+    return f"{release_prefix(model, version)}metrics.json"
+
+
+def release_full_key(model: str, version: int, encoding: str) -> str:
+    """The full model, compressed with `encoding` (the job document's `full`)."""
+    return f"{release_prefix(model, version)}model.onnx.{encoding}"
+
+
+def release_delta_key(model: str, version: int, from_version: int, codec: str) -> str:
+    return f"{release_prefix(model, version)}deltas/from-v{from_version:05d}.{codec}"
+
+
+def release_manifest_key(model: str, version: int) -> str:
+    return f"{release_prefix(model, version)}manifest.json"
+
+
+def rollback_manifest_key(model: str, version: int, job_id: str) -> str:
+    """A rollback's manifest: one per rollback job, beside the release's own."""
+    return f"{release_prefix(model, version)}rollback-{job_id}.json"
 
 
 def model_of_raw_key(key: str) -> str | None:

@@ -1,9 +1,9 @@
 """The `ModelApproved` event (EventBridge) that starts packaging, and announcing it once.
 
-Detail: ``{"model", "version", "artifact", "manual"}`` plus, for an operator rollback,
-``"rollback": true`` and ``"replaces"`` (the version it replaces), ``"attempt"`` (a
-unique id per operator action: rollback or release retry, part of its job id), and
-``"reason"`` when an operator gave one.
+Detail (the event contract, docs/registry.md): ``{"model", "version", "artifact",
+"manual"}`` plus, for an operator rollback, ``"rollback": true`` and ``"replaces"`` (the
+version it replaces), ``"attempt"`` (a unique id per operator action: rollback or
+release retry, part of its job id), and ``"reason"`` when an operator gave one.
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ from typing import Any
 
 from mledge_update.events import MODEL_APPROVED
 
-from chalicelib.layout import training_output_prefix
+from chalicelib.artifacts import s3_uri
+from chalicelib.layout import training_artifact_key
 from chalicelib.settings import Settings
-from chalicelib.state import StateStore, event_key
-from chalicelib.tables import STATE_KEY
+from chalicelib.state import StateStore
 
 
 class EventEmitError(Exception):
     """EventBridge did not accept an event."""
 
 
-def training_artifact_key(model: str, job_name: str) -> str:
-    """Where SageMaker (and our Batch jobs) put a job's `model.tar.gz`."""
-    return f"{training_output_prefix(model)}{job_name}/output/model.tar.gz"
-
-
 def training_artifact_uri(bucket: str, model: str, job_name: str) -> str:
-    return f"s3://{bucket}/{training_artifact_key(model, job_name)}"
+    """Where SageMaker (and the Batch and local backends) put a job's `model.tar.gz`."""
+    return s3_uri(bucket, training_artifact_key(model, job_name))
 
 
 def model_approved_detail(model: str, version: int, artifact: str, *, manual: bool,
@@ -88,19 +84,13 @@ def announce_approval_once(state: StateStore, events_client: Any, settings: Sett
     try:
         emit_model_approved(events_client, settings, detail)
     except Exception:
-        state.dynamodb.delete_item(TableName=state.table_name,
-                                   Key={STATE_KEY: {"S": event_key(marker)}})
+        state.forget_event(marker)
         raise
     return True
 
 
 def approval_announced(state: StateStore, model: str, version: int) -> bool:
-    item = state.dynamodb.get_item(
-        TableName=state.table_name,
-        Key={STATE_KEY: {"S": event_key(approval_marker(model, version))}},
-        ConsistentRead=True,
-    ).get("Item")
-    return item is not None
+    return state.event_seen(approval_marker(model, version))
 
 
 def new_attempt() -> str:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from chalicelib import layout, trigger
 from chalicelib.aws import AwsClients
+from chalicelib.backends import TrainingBackend
 from chalicelib.config import PipelineConfig
 from chalicelib.model_events import (
     announce_approval_once,
@@ -133,12 +135,14 @@ class Operator:
     """The operator's view of one stage."""
 
     def __init__(self, *, clients: AwsClients, settings: Settings, config: PipelineConfig,
-                 registry: Registry | None = None, state: StateStore | None = None) -> None:
+                 registry: Registry | None = None, state: StateStore | None = None,
+                 backend_factory: Callable[[str], TrainingBackend] | None = None) -> None:
         self.clients = clients
         self.settings = settings
         self.config = config
-        self.registry = registry or Registry(settings.registry_table, clients.dynamodb)
-        self.state = state or StateStore(settings.state_table, clients.dynamodb)
+        self.backend_factory = backend_factory
+        self.registry = registry or Registry.for_settings(settings, clients)
+        self.state = state or StateStore.for_settings(settings, clients)
 
     # -- reading
 
@@ -209,7 +213,9 @@ class Operator:
         """
         self.config.model(model)
         return trigger.start_training(model, clients=self.clients, settings=self.settings,
-                                      config=self.config, reason=reason, force=force)
+                                      config=self.config, reason=reason, force=force,
+                                      registry=self.registry, state=self.state,
+                                      backend_factory=self.backend_factory)
 
     def promote(self, model: str, version: int, *, reason: str, actor: str) -> PromoteResult:
         """REJECTED -> APPROVED as a recorded manual override, then announce ModelApproved.

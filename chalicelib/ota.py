@@ -7,7 +7,9 @@ already created instead of creating a second one, while every new action gets a 
 of its own: IoT Jobs never runs a cancelled job again, so reusing the id of one would
 reach no device. Rollout (exponential
 rate), abort (failure percentage after a minimum of executed things), timeout and
-retries come from the model's config (REFERENCES.md: IoT Jobs limits).
+retries come from the model's config, within IoT Jobs' limits (rollout base 1-1,000 per
+minute and increment factor 1.1-5, in-progress timeout 1 minute to 7 days, 0-10 retries
+per failure type; abort cancels only QUEUED executions).
 """
 
 from __future__ import annotations

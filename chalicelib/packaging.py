@@ -1,6 +1,6 @@
 """Packaging: turn an approved model into a release and start the fleet's update.
 
-On `ModelApproved` (DESIGN.md steps 6-7):
+On `ModelApproved` (packaging, then the job document; docs/packaging.md):
 1. take `model.onnx` and `golden.json` out of the training artifact (`model.tar.gz`);
 2. upload the model (raw, the next training's champion and the base of later deltas)
    and the full artifact (zstd) under `releases/<model>/v<version>/`;
@@ -30,13 +30,10 @@ so no training is scored against a champion that is about to be replaced).
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import urlparse
+from typing import IO, Any
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
@@ -57,6 +54,7 @@ from mledge_update.hashing import sha256_hex
 from mledge_update.naming import iot_job_id
 
 from chalicelib import layout, ota
+from chalicelib.artifacts import MAX_MEMBER_BYTES, ArtifactError, open_object, parse_s3_uri, s3_uri, tar_members
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PackagingConfig, PipelineConfig, UnknownModelError
 from chalicelib.delta_budget import BASELINE_CODEC, build_deltas
@@ -77,18 +75,9 @@ from chalicelib.untrusted import shown
 logger = Logger(child=True)
 
 FULL_ENCODING = "zstd"
-# The training artifact is small (a model plus two JSON files); refuse anything that
-# would make the Lambda read gigabytes into memory.
-MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
-
 
 class PackagingError(Exception):
     """The release could not be built; the reason is recorded on the version."""
-
-
-class ArtifactError(PackagingError):
-    """The training artifact is missing, corrupt or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +169,7 @@ def handle_model_approved(
     clients: AwsClients,
     settings: Settings,
     config: PipelineConfig,
+    registry: Registry | None = None,
 ) -> ReleaseResult:
     """Release the approved version named in a `ModelApproved` event's detail.
 
@@ -192,7 +182,7 @@ def handle_model_approved(
         logger.error("invalid ModelApproved dropped", extra={
             "error": str(exc), "detail": shown(detail, 2000)})
         return ReleaseResult("", 0, "invalid", f"invalid ModelApproved detail: {exc}")
-    registry = Registry(settings.registry_table, clients.dynamodb)
+    registry = registry or Registry.for_settings(settings, clients)
     try:
         model_config = config.model(event.model)
         record = registry.get(event.model, event.version)
@@ -220,7 +210,7 @@ def _release_or_skip(event: ModelApproved, record: VersionRecord, model_config: 
         return _release(event, record, model_config, registry, clients, settings)
     except ReleaseOvertakenError as exc:
         return _skipped(event, registry, str(exc))
-    except PackagingError as exc:
+    except (PackagingError, ArtifactError) as exc:
         reason = f"release failed: {exc}"
         logger.error(reason, extra={"model": event.model, "version": event.version})
         registry.note(event.model, event.version, reason)
@@ -268,7 +258,6 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     s3 = clients.s3
     bucket = settings.bucket
     model, version = event.model, event.version
-    prefix = layout.release_prefix(model, version)
 
     if event.rollback:
         files = _load_released_files(s3, bucket, model, version)
@@ -286,18 +275,18 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
 
     full_blob = encode_full(FULL_ENCODING, files.onnx)
     full = FullModel(encoding=FULL_ENCODING, size=len(full_blob), sha256=sha256_hex(full_blob),
-                     key=f"{prefix}model.onnx.{FULL_ENCODING}")
+                     key=layout.release_full_key(model, version, FULL_ENCODING))
     if not event.rollback:
         _put(s3, bucket, layout.champion_key(model, version), files.onnx,
              {"sha256": model_sha})
-        _put(s3, bucket, f"{prefix}golden.json", json.dumps(files.golden).encode())
-        _put(s3, bucket, f"{prefix}metrics.json", json.dumps(files.metrics).encode())
+        _put(s3, bucket, layout.release_golden_key(model, version), json.dumps(files.golden).encode())
+        _put(s3, bucket, layout.release_metrics_key(model, version), json.dumps(files.metrics).encode())
     _put(s3, bucket, full.key or "", full_blob, {"sha256": full.sha256})
 
     bases = [r for r in registry.release_history(model, model_config.delta_history + 1)
              if r.version != version][: model_config.delta_history]
     skipped: list[dict[str, Any]] = []
-    deltas = _build_deltas(s3, bucket, prefix, files.onnx, model_sha, full.size, bases,
+    deltas = _build_deltas(s3, bucket, model, version, files.onnx, model_sha, full.size, bases,
                            model_config.packaging, skipped)
 
     # A canary release goes to the canary group first, asking each device for a health
@@ -313,8 +302,8 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
     job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt,
                         canary=canary)
-    manifest_key = (f"{prefix}manifest.json" if not event.rollback
-                    else f"{prefix}rollback-{job_id}.json")
+    manifest_key = (layout.release_manifest_key(model, version) if not event.rollback
+                    else layout.rollback_manifest_key(model, version, job_id))
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
 
     with_urls = job_from_manifest(
@@ -403,7 +392,8 @@ def _mark_released(event: ModelApproved, registry: Registry, clients: AwsClients
     raise PackagingError("the registry kept changing under the release; try again")
 
 
-def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, full_size: int,
+def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, new_sha: str,
+                  full_size: int,
                   bases: list[VersionRecord], budget: PackagingConfig,
                   skipped: list[dict[str, Any]]) -> list[Delta]:
     """Verified deltas from each base that beat the full artifact, built within the
@@ -440,7 +430,7 @@ def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, f
             chosen.append(others[0])
         for codec in chosen:
             blob = built[codec]
-            key = f"{prefix}deltas/from-v{base.version:05d}.{codec}"
+            key = layout.release_delta_key(model, version, base.version, codec)
             sha = sha256_hex(blob)
             _put(s3, bucket, key, blob, {"sha256": sha})
             deltas.append(Delta(from_version=base.version, from_sha256=base_sha, codec=codec,
@@ -451,13 +441,6 @@ def _build_deltas(s3: Any, bucket: str, prefix: str, new: bytes, new_sha: str, f
 # ---------------------------------------------------------------- artifacts
 
 
-def parse_s3_uri(uri: str, default_bucket: str) -> tuple[str, str]:
-    if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        return parsed.netloc, parsed.path.lstrip("/")
-    return default_bucket, uri.lstrip("/")
-
-
 def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFiles:
     """`model.onnx`, `golden.json` and `metrics.json` from a training artifact.
 
@@ -465,12 +448,13 @@ def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFi
     `model.onnx` key is accepted too, with `golden.json` beside it.
     """
     bucket, key = parse_s3_uri(uri, default_bucket)
-    blob = _get(s3, bucket, key)
     if key.endswith(".onnx"):
         golden = _json_member(_get(s3, bucket, key.rsplit("/", 1)[0] + "/golden.json"),
                               "golden.json")
-        return ModelFiles(onnx=_check_onnx(blob), golden=golden)
-    members = _untar(blob, uri)
+        return ModelFiles(onnx=_check_onnx(_get(s3, bucket, key)), golden=golden)
+    limits = dict.fromkeys(("model.onnx", "golden.json", "metrics.json"), MAX_MEMBER_BYTES)
+    members = {name: handle.read()
+               for name, handle in tar_members(_open(s3, bucket, key), uri, limits)}
     if "model.onnx" not in members:
         raise ArtifactError(f"{uri} holds no model.onnx (found: {sorted(members) or 'nothing'})")
     if "golden.json" not in members:
@@ -480,26 +464,6 @@ def read_training_artifact(s3: Any, uri: str, *, default_bucket: str) -> ModelFi
     return ModelFiles(onnx=_check_onnx(members["model.onnx"]),
                       golden=_json_member(members["golden.json"], "golden.json"),
                       metrics=metrics)
-
-
-def _untar(blob: bytes, uri: str) -> dict[str, bytes]:
-    wanted = {"model.onnx", "golden.json", "metrics.json"}
-    members: dict[str, bytes] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
-            for info in tar:
-                name = info.name.removeprefix("./")
-                if name not in wanted or not info.isfile():
-                    continue
-                if info.size > MAX_MEMBER_BYTES:
-                    raise ArtifactError(f"{uri}: {name} is {info.size} bytes, over the limit")
-                handle = tar.extractfile(info)
-                if handle is None:
-                    continue
-                members[name] = handle.read()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{uri} is not a readable tar.gz: {exc}") from None
-    return members
 
 
 def _json_member(raw: bytes, name: str) -> dict[str, Any]:
@@ -523,25 +487,26 @@ def _check_onnx(blob: bytes) -> bytes:
 
 
 def _load_released_files(s3: Any, bucket: str, model: str, version: int) -> ModelFiles:
-    prefix = layout.release_prefix(model, version)
     onnx_bytes = _get(s3, bucket, layout.champion_key(model, version))
-    golden = _json_member(_get(s3, bucket, f"{prefix}golden.json"), "golden.json")
+    golden = _json_member(_get(s3, bucket, layout.release_golden_key(model, version)), "golden.json")
     try:
-        metrics = _json_member(_get(s3, bucket, f"{prefix}metrics.json"), "metrics.json")
+        metrics = _json_member(_get(s3, bucket, layout.release_metrics_key(model, version)), "metrics.json")
     except ArtifactError:
         metrics = {}
     return ModelFiles(onnx=_check_onnx(onnx_bytes), golden=golden, metrics=metrics)
 
 
 def _get(s3: Any, bucket: str, key: str) -> bytes:
+    return _open(s3, bucket, key).read()
+
+
+def _open(s3: Any, bucket: str, key: str) -> IO[bytes]:
+    # Packaging records any S3 failure on the version (an operator re-approves); completion
+    # lets transient ones propagate so the event is retried.
     try:
-        head = s3.head_object(Bucket=bucket, Key=key)
-        if head.get("ContentLength", 0) > MAX_ARTIFACT_BYTES:
-            raise ArtifactError(f"s3://{bucket}/{key} is larger than {MAX_ARTIFACT_BYTES} bytes")
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return open_object(s3, bucket, key)
     except ClientError as exc:
-        code = error_code(exc)
-        raise ArtifactError(f"cannot read s3://{bucket}/{key}: {code or exc}") from None
+        raise ArtifactError(f"cannot read {s3_uri(bucket, key)}: {error_code(exc) or exc}") from None
 
 
 def _put(s3: Any, bucket: str, key: str, body: bytes,

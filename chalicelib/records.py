@@ -4,7 +4,7 @@
 `Reading` (goes to `raw/`), `Summary` (goes to `summaries/`) or `Rejection` (goes to
 `quarantine/` with a readable reason). The first problem found is the reason.
 
-What a body is (BRIEF.md, "Telemetry record"): the device's JSON object
+What a body is (the telemetry record, docs/ingestion.md): the device's JSON object
 `{"id", "ts", "features", "label"?, "model_version"?, "score"?, "anomaly"?, "reason"?,
 "inclusion_p"?}` (the last two: `mledge_update.uplink`) plus the
 fields the IoT rule adds: `model`, `thing`, `type` (topic segments) and `received_at`

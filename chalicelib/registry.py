@@ -36,6 +36,7 @@ from boto3.dynamodb.types import DYNAMODB_CONTEXT, TypeDeserializer, TypeSeriali
 from botocore.exceptions import ClientError
 
 from chalicelib.aws import error_code
+from chalicelib.settings import Settings
 
 HEAD_VERSION = 0
 
@@ -303,6 +304,11 @@ class Registry:
         self.table = table_name
         self.dynamodb = dynamodb_client
         self.clock = clock
+
+    @classmethod
+    def for_settings(cls, settings: Settings, clients: Any) -> Registry:
+        """The stage's registry table on the shared DynamoDB client."""
+        return cls(settings.registry_table, clients.dynamodb)
 
     # -- keys and reads
 

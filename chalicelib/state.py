@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chalicelib.aws import error_code
+from chalicelib.settings import Settings
 from chalicelib.tables import STATE_KEY, STATE_TTL_ATTRIBUTE
 
 # How long past a job's max runtime its lock still holds: SageMaker and Batch
@@ -78,6 +79,12 @@ class StateStore:
         self.dynamodb = dynamodb_client
         self.clock = clock
 
+    @classmethod
+    def for_settings(cls, settings: Settings, clients: Any, *,
+                     clock: Callable[[], float] = time.time) -> StateStore:
+        """The stage's state table on the shared DynamoDB client."""
+        return cls(settings.state_table, clients.dynamodb, clock=clock)
+
     # -- processed-event markers -------------------------------------------------
 
     def mark_event_once(self, event_id: str, ttl_days: int = 7) -> bool:
@@ -94,6 +101,14 @@ class StateStore:
                 return False
             raise
         return True
+
+    def forget_event(self, event_id: str) -> None:
+        """Remove a marker `mark_event_once` recorded (its work failed: a retry may redo it)."""
+        self.dynamodb.delete_item(TableName=self.table_name, Key={STATE_KEY: {"S": event_key(event_id)}})
+
+    def event_seen(self, event_id: str) -> bool:
+        """Whether `mark_event_once` recorded `event_id` (a consistent read)."""
+        return self._get(event_key(event_id)) is not None
 
     def count_event_records(self, event_id: str, model: str, count: int,
                             ttl_days: int = 7) -> int | None:

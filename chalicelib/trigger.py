@@ -23,11 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -45,6 +43,7 @@ from chalicelib.compaction import compact_model
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
 from chalicelib.datasets import EmptyWindowError, build_dataset, default_engine_factory
 from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
+from chalicelib.schedule import ScheduleError, schedule_due
 from chalicelib.settings import Settings
 from chalicelib.snapshot import (
     UnreadableObjectError,
@@ -72,9 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The schedule handler runs this often (app.py uses the same constant); a
-# model's `training.schedule` is honoured to within one tick.
-SCHEDULE_TICK_MINUTES = 15
 # What a training start may spend compacting before it builds a dataset (the raw-events
 # Lambda runs up to 600 s); a large backlog is left to the compaction schedule.
 TRIGGER_COMPACTION_SECONDS = 240
@@ -103,10 +99,6 @@ class TrainingStartError(TriggerError):
     def __init__(self, model: str, version: int, reason: str) -> None:
         self.model, self.version, self.reason = model, version, reason
         super().__init__(f"{model} v{version}: training did not start: {reason}")
-
-
-class ScheduleError(TriggerError):
-    """A `training.schedule` expression this trigger cannot evaluate."""
 
 
 @dataclass(frozen=True)
@@ -214,83 +206,6 @@ def s3_event_id(bucket: str, key: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
-# ------------------------------------------------------------------ schedules
-
-
-_RATE = re.compile(r"^rate\((\d+) (minute|minutes|hour|hours|day|days)\)$")
-_UNIT_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
-_MONTHS = {m: i + 1 for i, m in enumerate(
-    ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"])}
-_WEEKDAYS = {d: i + 1 for i, d in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"])}
-
-
-def _cron_field_matches(spec: str, value: int, low: int, high: int,
-                        names: Mapping[str, int] | None = None) -> bool:
-    if spec in ("*", "?"):
-        return True
-    for part in spec.split(","):
-        step = 1
-        if "/" in part:
-            part, step_text = part.split("/", 1)
-            step = int(step_text)
-        if part == "*":
-            start, end = low, high
-        elif "-" in part:
-            a, b = part.split("-", 1)
-            start, end = _cron_value(a, names), _cron_value(b, names)
-        else:
-            start = _cron_value(part, names)
-            end = high if step > 1 or "/" in spec else start
-        if start <= value <= end and (value - start) % step == 0:
-            return True
-    return False
-
-
-def _cron_value(text: str, names: Mapping[str, int] | None) -> int:
-    if names and text.upper() in names:
-        return names[text.upper()]
-    if not text.isdigit():
-        raise ScheduleError(f"unsupported cron value {text!r} (L, W and # are not supported)")
-    return int(text)
-
-
-def cron_matches(expression: str, when: datetime) -> bool:
-    """Whether EventBridge's `cron(min hour day-of-month month day-of-week year)` fires at `when` (UTC)."""
-    fields = expression[len("cron("):-1].split()
-    if len(fields) != 6:
-        raise ScheduleError(f"{expression}: cron needs 6 fields")
-    minute, hour, dom, month, dow, year = fields
-    aws_weekday = (when.isoweekday() % 7) + 1  # SUN=1 .. SAT=7
-    return (_cron_field_matches(minute, when.minute, 0, 59)
-            and _cron_field_matches(hour, when.hour, 0, 23)
-            and _cron_field_matches(dom, when.day, 1, 31)
-            and _cron_field_matches(month, when.month, 1, 12, _MONTHS)
-            and _cron_field_matches(dow, aws_weekday, 1, 7, _WEEKDAYS)
-            and _cron_field_matches(year, when.year, 1970, 2199))
-
-
-def schedule_due(expression: str, now: float, last_started: float | None,
-                 tick_minutes: int = SCHEDULE_TICK_MINUTES) -> bool:
-    """Whether a model's `training.schedule` asks for a training at this tick.
-
-    `rate(N unit)`: N units (less half a tick, for tick jitter) since the last
-    training started, or never trained. `cron(...)`: a minute in the last tick
-    matches, and no training started within that tick.
-    """
-    tick = tick_minutes * 60
-    rate = _RATE.match(expression)
-    if rate:
-        period = int(rate[1]) * _UNIT_SECONDS[rate[2].rstrip("s")]
-        return last_started is None or now - last_started >= period - tick / 2
-    if expression.startswith("cron(") and expression.endswith(")"):
-        if last_started is not None and now - last_started < tick:
-            return False
-        end = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0)
-        return any(cron_matches(expression, end - timedelta(minutes=m))
-                   for m in range(tick_minutes))
-    raise ScheduleError(f"unsupported schedule expression {expression!r}")
-
-
 # ------------------------------------------------------------------ the trigger
 
 
@@ -304,8 +219,8 @@ class Trigger:
         self.clients = clients
         self.settings = settings
         self.config = config
-        self.registry = registry or Registry(settings.registry_table, clients.dynamodb)
-        self.state = state or StateStore(settings.state_table, clients.dynamodb, clock=clock)
+        self.registry = registry or Registry.for_settings(settings, clients)
+        self.state = state or StateStore.for_settings(settings, clients, clock=clock)
         self.backend_factory = backend_factory or (
             lambda name: backend_for(name, clients, settings))
         self.clock = clock
@@ -558,7 +473,7 @@ def handle_raw_events(event: Mapping[str, Any], *, clients: Any, settings: Setti
 
 def run_scheduled_trainings(*, clients: Any, settings: Settings, config: PipelineConfig,
                             **deps: Any) -> TriggerReport:
-    """The schedule tick (every SCHEDULE_TICK_MINUTES)."""
+    """The schedule tick (every schedule.SCHEDULE_TICK_MINUTES)."""
     return Trigger(clients=clients, settings=settings, config=config, **deps).run_schedule()
 
 

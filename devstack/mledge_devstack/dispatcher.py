@@ -263,8 +263,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from chalicelib.aws import AwsClients
     from chalicelib.settings import Settings
+    from mledge_devstack.local_training import register_local_backend
     from mledge_devstack.routes import provision_routes, routes_from_app, unrouted_queues
 
+    register_local_backend()  # models with `training.backend = "local"` train in this process
     settings = Settings.from_env()
     clients = AwsClients.for_settings(settings)
     sys.path.insert(0, str(Path(args.project_dir).resolve()))

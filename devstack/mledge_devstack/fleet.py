@@ -252,10 +252,10 @@ class SimulatedDevice:
             downloader._transfer = corrupting_transfer
 
         if "model_fails" in self.faults:
-            from mledge_edge.updater import UpdateRejected
+            from mledge_edge.updater import UpdateRejectedError
 
             def failing_load(path: Any, job: Any) -> Any:
-                raise UpdateRejected("smoke", "simulated: the model fails on this device's "
+                raise UpdateRejectedError("smoke", "simulated: the model fails on this device's "
                                               "hardware (smoke rows do not match)")
 
             agent.updater._load_checked = failing_load

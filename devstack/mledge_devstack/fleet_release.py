@@ -69,7 +69,7 @@ def announce_release(stack: Any, model: str, version: int, artifact: bytes, *,
                      reason: str) -> None:
     """Record `version` APPROVED with `artifact` and emit ModelApproved."""
     settings = stack.settings
-    registry = Registry(settings.registry_table, stack.clients.dynamodb)
+    registry = Registry.for_settings(settings, stack.clients)
     key = f"fleet-sim/{model}/v{version:05d}/model.tar.gz"
     stack.clients.s3.put_object(Bucket=settings.bucket, Key=key, Body=artifact)
     uri = f"s3://{settings.bucket}/{key}"

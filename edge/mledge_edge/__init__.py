@@ -10,7 +10,7 @@ from .agent import Agent
 from .config import AgentConfig, ConfigError
 from .model import LoadedModel, ModelHandle, ModelInfo, ModelLoadError, NoModelError, Prediction
 from .store import ModelStore
-from .updater import UpdateFailed, Updater, UpdateRejected
+from .updater import UpdateFailedError, Updater, UpdateRejectedError
 
 __all__ = [
     "Agent",
@@ -23,7 +23,7 @@ __all__ = [
     "ModelStore",
     "NoModelError",
     "Prediction",
-    "UpdateFailed",
-    "UpdateRejected",
+    "UpdateFailedError",
+    "UpdateRejectedError",
     "Updater",
 ]

@@ -22,7 +22,7 @@ from mledge_update.uplink import INCLUSION_FIELD, REASON_FIELD, SUMMARY
 
 from .config import AgentConfig
 from .download import Downloader
-from .jobs import IN_PROGRESS, JobCanceledError, JobExecution, JobsClient, JobsRequestTimeout
+from .jobs import IN_PROGRESS, JobCanceledError, JobExecution, JobsClient, JobsRequestTimeoutError
 from .model import LoadedModel, ModelHandle, ModelLoadError, Prediction
 from .mqtt import LinkSettings, MqttLink
 from .sensors import DigitsSource, Reading, VibrationSensor, make_source
@@ -212,7 +212,7 @@ class Agent:
         def report(details: dict[str, str]) -> None:
             try:
                 jobs.update(job_id, IN_PROGRESS, details)
-            except JobsRequestTimeout as exc:  # progress is best effort
+            except JobsRequestTimeoutError as exc:  # progress is best effort
                 log.warning("progress report for %s: %s", job_id, exc)
 
         def refresh_document() -> dict[str, Any] | None:

@@ -151,7 +151,7 @@ class Downloader:
                     continue
                 self.discard(sha256)
                 return data
-            except _SizeMismatch as exc:
+            except _SizeMismatchError as exc:
                 integrity_failures += 1
                 self.discard(sha256)
                 last_error = str(exc)
@@ -159,7 +159,7 @@ class Downloader:
                     raise IntegrityError(last_error + " (twice)") from exc
                 log.warning("%s; downloading again", last_error)
                 continue
-            except _UrlRefused as exc:
+            except _UrlRefusedError as exc:
                 last_error = str(exc)
                 refresh = True
             except (urllib.error.URLError, http.client.HTTPException, OSError, _ServerError) as exc:
@@ -186,16 +186,16 @@ class Downloader:
                 self.discard(sha256)  # the object is shorter than our partial: start over
                 raise _ServerError(f"HTTP 416 at offset {offset}; restarting from 0") from exc
             if exc.code in (400, 401, 403):
-                raise _UrlRefused(f"HTTP {exc.code} from artifact URL (expired?)") from exc
+                raise _UrlRefusedError(f"HTTP {exc.code} from artifact URL (expired?)") from exc
             if exc.code == 404:
-                raise _UrlRefused("HTTP 404 from artifact URL") from exc
+                raise _UrlRefusedError("HTTP 404 from artifact URL") from exc
             raise _ServerError(f"HTTP {exc.code}") from exc
         with response:
             if offset and response.status != 206:
                 offset = 0  # the server ignored the Range header: start over
             total = _total_size(response, offset)
             if total is not None and total != size:
-                raise _SizeMismatch(f"artifact is {total} bytes, the job document says {size}")
+                raise _SizeMismatchError(f"artifact is {total} bytes, the job document says {size}")
             with open(part, "r+b" if part.exists() else "wb") as fh:
                 fh.truncate(offset)
                 fh.seek(offset)
@@ -225,7 +225,7 @@ class Downloader:
             raise _ServerError(f"connection closed at {offset} of {size} bytes")
 
 
-class _UrlRefused(Exception):
+class _UrlRefusedError(Exception):
     pass
 
 
@@ -233,7 +233,7 @@ class _ServerError(Exception):
     pass
 
 
-class _SizeMismatch(Exception):
+class _SizeMismatchError(Exception):
     pass
 
 

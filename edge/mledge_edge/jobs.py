@@ -44,7 +44,7 @@ IN_PROGRESS = "IN_PROGRESS"
 TERMINAL_REJECTION_CODES = ("InvalidStateTransition", "ResourceNotFound", "TerminalStateReached")
 
 
-class JobsRequestTimeout(Exception):
+class JobsRequestTimeoutError(Exception):
     """No accepted/rejected reply arrived in time."""
 
 
@@ -207,7 +207,7 @@ class JobsClient:
         try:
             self.link.publish(topic, json.dumps(body).encode())
             if not event.wait(timeout_s if timeout_s is not None else self.request_timeout_s):
-                raise JobsRequestTimeout(f"no reply to {topic} within {self.request_timeout_s}s")
+                raise JobsRequestTimeoutError(f"no reply to {topic} within {self.request_timeout_s}s")
             return box[0]
         finally:
             with self._pending_lock:

@@ -6,8 +6,8 @@ model): download (resumable, verified) -> patch/decode -> check model_sha256 ->
 write to incoming/ -> load beside the running model -> check schema -> smoke
 rows -> install atomically (state file records "pending report") -> swap.
 The caller reports SUCCEEDED only after `run` returns, then clears the pending
-report. Any failure raises `UpdateFailed` (FAILED: retryable) or
-`UpdateRejected` (REJECTED: incompatible), and the running model is untouched.
+report. Any failure raises `UpdateFailedError` (FAILED: retryable) or
+`UpdateRejectedError` (REJECTED: incompatible), and the running model is untouched.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ class UpdateError(Exception):
         self.reason = reason
 
 
-class UpdateFailed(UpdateError):
+class UpdateFailedError(UpdateError):
     """Retryable (network, timeouts): IoT Jobs may retry the execution."""
 
     status = FAILED
 
 
-class UpdateRejected(UpdateError):
+class UpdateRejectedError(UpdateError):
     """Incompatible or untrustworthy: retrying the same job cannot succeed."""
 
     status = REJECTED
@@ -120,7 +120,7 @@ class Updater:
         try:
             job = parse_job_document(document)
         except JobDocumentError as exc:
-            raise UpdateRejected("parse", f"invalid job document: {exc}") from exc
+            raise UpdateRejectedError("parse", f"invalid job document: {exc}") from exc
         self._check_target(job)
         installed = self.store.state.current
         if installed is not None and installed.sha256 == job.model_sha256:
@@ -170,10 +170,10 @@ class Updater:
     # -- checks ---------------------------------------------------------------
     def _check_target(self, job: UpdateJob) -> None:
         if job.model != self.model_name:
-            raise UpdateRejected("check", f"job is for model {job.model!r}, this device runs {self.model_name!r}")
+            raise UpdateRejectedError("check", f"job is for model {job.model!r}, this device runs {self.model_name!r}")
         features = tuple(job.schema.get("features", ()))
         if self.expected_features is not None and features != self.expected_features:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "check",
                 f"schema has {len(features)} features {list(features)[:4]}..., "
                 f"this device's sensor produces {len(self.expected_features)}",
@@ -182,11 +182,11 @@ class Updater:
         if installed is None:
             return
         if job.version < installed.version and not job.rollback:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "check", f"downgrade from v{installed.version} to v{job.version} refused (not a rollback)"
             )
         if job.version == installed.version and job.model_sha256 != installed.sha256:
-            raise UpdateRejected(
+            raise UpdateRejectedError(
                 "check", f"v{job.version} is installed with another sha256 ({installed.sha256[:12]})"
             )
 
@@ -194,23 +194,23 @@ class Updater:
         try:
             model = LoadedModel(path, job.model_sha256, threads=self.session_threads)
         except ModelLoadError as exc:
-            raise UpdateRejected("load", str(exc)) from exc
+            raise UpdateRejectedError("load", str(exc)) from exc
         info = model.info
         features = list(job.schema.get("features", []))
         if info.n_features != len(features):
-            raise UpdateRejected("schema", f"model takes {info.n_features} features, schema has {len(features)}")
+            raise UpdateRejectedError("schema", f"model takes {info.n_features} features, schema has {len(features)}")
         if info.features and list(info.features) != features:
-            raise UpdateRejected("schema", "model's mledge.features differ from the job's schema")
+            raise UpdateRejectedError("schema", "model's mledge.features differ from the job's schema")
         if info.name and info.name != job.model:
-            raise UpdateRejected("schema", f"model metadata names {info.name!r}, job is for {job.model!r}")
+            raise UpdateRejectedError("schema", f"model metadata names {info.name!r}, job is for {job.model!r}")
         if info.version != job.version:
-            raise UpdateRejected("schema", f"model metadata says v{info.version}, job says v{job.version}")
+            raise UpdateRejectedError("schema", f"model metadata says v{info.version}, job says v{job.version}")
         if job.smoke.input_name != "input":
-            raise UpdateRejected("smoke", f"smoke input {job.smoke.input_name!r} is not the model's input")
+            raise UpdateRejectedError("smoke", f"smoke input {job.smoke.input_name!r} is not the model's input")
         try:
             run_smoke(model, job.smoke.inputs, job.smoke.outputs, job.smoke.tolerance)
         except SmokeTestError as exc:
-            raise UpdateRejected("smoke", str(exc)) from exc
+            raise UpdateRejectedError("smoke", str(exc)) from exc
         return model
 
     def _load_and_swap(self, path, job: UpdateJob) -> None:
@@ -230,7 +230,7 @@ class Updater:
         candidates = job.candidates(installed.sha256 if base is not None and installed else None,
                                     self.supported_codecs)
         if not candidates:
-            raise UpdateRejected("check", f"no artifact this device can use (full encoding {job.full.encoding!r})")
+            raise UpdateRejectedError("check", f"no artifact this device can use (full encoding {job.full.encoding!r})")
         downloaded = 0
         errors: list[str] = []
         full_network_failure = False
@@ -274,8 +274,8 @@ class Updater:
             return new, name, downloaded
         reason = "; ".join(errors)
         if full_network_failure:  # the last resort could not be fetched: worth retrying
-            raise UpdateFailed("download", reason)
-        raise UpdateRejected("verify", reason)
+            raise UpdateFailedError("download", reason)
+        raise UpdateRejectedError("verify", reason)
 
     def _apply_delta(self, codec: str, base: Path, blob: bytes) -> bytes:
         """Codecs that stream (onnx-delta-2) patch from file to file, so the installed

@@ -9,7 +9,7 @@ import json
 import tarfile
 from typing import Any
 
-from chalicelib.model_events import training_artifact_key
+from chalicelib.layout import training_artifact_key
 from chalicelib.registry import Registry, Status
 from chalicelib.state import StateStore
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from mledge_devstack.local_training import LocalBackend, wait_for_local_job
 from mledge_update.events import LOCAL_TRAINING_SOURCE, SAGEMAKER_DETAIL_TYPE
 from mledge_update.naming import make_job_name, parse_job_name
 
@@ -18,11 +19,9 @@ from chalicelib import layout
 from chalicelib.backends import (
     BackendConfigError,
     BatchBackend,
-    LocalBackend,
     SageMakerBackend,
     TrainingRequest,
     training_hyperparameters,
-    wait_for_local_job,
 )
 from chalicelib.config import TrainingConfig
 from chalicelib.registry import Registry, Status
@@ -363,3 +362,22 @@ def test_batch_launcher_runs_the_contract_and_uploads_where_sagemaker_would(aws,
     aws.s3.put_object(Bucket=settings.bucket, Key=snapshot_key, Body=json.dumps(
         [{"prefix": f"s3://{settings.bucket}/"}, "../../etc/passwd"]).encode())
     assert launcher.run(unsafe, aws.s3, module="tests.cloud.fake_trainer") == 1
+
+
+def test_the_lambda_package_has_no_local_backend_until_the_local_stack_registers_it(settings, monkeypatch):
+    from mledge_devstack.local_training import register_local_backend
+
+    from chalicelib import backends
+
+    monkeypatch.setattr(backends, "_FACTORIES", dict(backends._FACTORIES))
+    backends._FACTORIES.pop("local", None)
+    with pytest.raises(BackendConfigError, match="only the local stack provides it"):
+        backends.backend_for("local", object(), settings)
+    with pytest.raises(BackendConfigError, match="unknown training backend 'gpu-farm'"):
+        backends.backend_for("gpu-farm", object(), settings)
+
+    class Clients:
+        s3, events = object(), object()
+
+    register_local_backend()
+    assert isinstance(backends.backend_for("local", Clients(), settings), LocalBackend)

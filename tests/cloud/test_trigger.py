@@ -14,6 +14,7 @@ from chalicelib import layout
 from chalicelib.backends import BackendError
 from chalicelib.config import UnknownModelError
 from chalicelib.registry import Registry, Status
+from chalicelib.schedule import cron_matches, schedule_due
 from chalicelib.settings import Settings
 from chalicelib.snapshot import write_snapshot
 from chalicelib.state import LOCK_MARGIN_SECONDS, StateStore
@@ -22,8 +23,6 @@ from chalicelib.trigger import (
     TrainingInProgressError,
     TrainingStartError,
     Trigger,
-    cron_matches,
-    schedule_due,
 )
 from tests.cloud.trigger_helpers import (
     S3_TEST_EVENT,

@@ -10,7 +10,7 @@ from mledge_edge.download import Downloader
 from mledge_edge.model import LoadedModel, ModelHandle
 from mledge_edge.sensors import VIBRATION_FEATURES
 from mledge_edge.store import INSTALL_STEPS, ModelStore
-from mledge_edge.updater import UpdateFailed, Updater, UpdateRejected
+from mledge_edge.updater import UpdateFailedError, Updater, UpdateRejectedError
 from mledge_update.hashing import sha256_hex
 
 from tests.edge.support import (
@@ -23,7 +23,7 @@ from tests.edge.support import (
 )
 
 
-class SimulatedCrash(BaseException):
+class SimulatedCrashError(BaseException):
     """Raised by the crash hook; nothing in the agent catches BaseException."""
 
 
@@ -35,7 +35,7 @@ def models() -> dict[int, bytes]:
 def make_updater(tmp_path, crash_at: str | None = None, handle: ModelHandle | None = None) -> Updater:
     def hook(step: str) -> None:
         if step == crash_at:
-            raise SimulatedCrash(step)
+            raise SimulatedCrashError(step)
 
     store = ModelStore(tmp_path / "state", hook)
     return Updater(store, handle or ModelHandle(), Downloader(store.downloads_dir, retries=2, backoff_s=0.01),
@@ -106,7 +106,7 @@ def test_full_model_with_wrong_hash_is_rejected_and_old_model_serves(tmp_path, a
     release = make_release(artifacts, 2, models[2])
     name = release.names[release.job.full.sha256]
     artifacts.add(name, bytes(reversed(artifacts.blobs[name])))  # same size, other bytes
-    with pytest.raises(UpdateRejected, match="sha256") as info:
+    with pytest.raises(UpdateRejectedError, match="sha256") as info:
         run(updater, artifacts, release)
     assert info.value.status == "REJECTED"
     assert len(artifacts.requests_for("v2/model.onnx.zstd")) == 2  # downloaded again once
@@ -118,7 +118,7 @@ def test_failing_smoke_rows_reject_the_model(tmp_path, artifacts, models):
     install(updater, artifacts, models, 1)
     # Golden rows of another model: labels/scores will not match v2.
     smoke = golden(models[3], training_rows(5, seed=11))
-    with pytest.raises(UpdateRejected, match="smoke"):
+    with pytest.raises(UpdateRejectedError, match="smoke"):
         run(updater, artifacts, make_release(artifacts, 2, models[2], smoke=smoke))
     assert updater.handle.info.version == 1
     assert list((updater.store.root / "incoming").iterdir()) == []
@@ -127,7 +127,7 @@ def test_failing_smoke_rows_reject_the_model(tmp_path, artifacts, models):
 def test_downgrade_is_refused_unless_rollback_and_rollback_uses_the_kept_model(tmp_path, artifacts, models):
     updater = make_updater(tmp_path)
     install(updater, artifacts, models, 1, 2)
-    with pytest.raises(UpdateRejected, match="downgrade"):
+    with pytest.raises(UpdateRejectedError, match="downgrade"):
         run(updater, artifacts, make_release(artifacts, 1, models[1]))
     assert updater.handle.info.version == 2
     before = len(artifacts.requests)
@@ -139,16 +139,16 @@ def test_downgrade_is_refused_unless_rollback_and_rollback_uses_the_kept_model(t
 def test_incompatible_jobs_are_rejected(tmp_path, artifacts, models):
     updater = make_updater(tmp_path)
     wrong_schema = make_release(artifacts, 1, models[1], schema_features=[f"f{i}" for i in range(6)])
-    with pytest.raises(UpdateRejected, match="schema has 6 features"):
+    with pytest.raises(UpdateRejectedError, match="schema has 6 features"):
         run(updater, artifacts, wrong_schema)
     release = make_release(artifacts, 1, models[1])
     doc = document_for(artifacts, release)
-    with pytest.raises(UpdateRejected, match="newer"):
+    with pytest.raises(UpdateRejectedError, match="newer"):
         updater.run("job-1", {**doc, "format": 2}, lambda d: None)
-    with pytest.raises(UpdateRejected, match="other-model"):
+    with pytest.raises(UpdateRejectedError, match="other-model"):
         updater.run("job-1", {**doc, "model": "other-model"}, lambda d: None)
     mislabelled = dataclasses.replace(release, job=dataclasses.replace(release.job, version=4))
-    with pytest.raises(UpdateRejected, match="metadata says v1"):
+    with pytest.raises(UpdateRejectedError, match="metadata says v1"):
         run(updater, artifacts, mislabelled)
     assert updater.handle.current is None
 
@@ -157,7 +157,7 @@ def test_unreachable_artifacts_fail_retryably(tmp_path, artifacts, models):
     updater = make_updater(tmp_path)
     release = make_release(artifacts, 1, models[1])
     artifacts.blobs.clear()
-    with pytest.raises(UpdateFailed, match="download failed") as info:
+    with pytest.raises(UpdateFailedError, match="download failed") as info:
         run(updater, artifacts, release)
     assert info.value.status == "FAILED"
 
@@ -182,7 +182,7 @@ def test_crash_at_any_install_step_leaves_a_loadable_model(tmp_path, artifacts, 
     install(updater, artifacts, models, 1)
     updater.store.clear_pending("job-1")
     crashing = make_updater(tmp_path, crash_at=step)
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(SimulatedCrashError):
         run(crashing, artifacts, make_release(artifacts, 2, models[2], [(1, models[1])]))
 
     restarted = ModelStore(tmp_path / "state")  # a fresh process reading the disk

@@ -212,7 +212,7 @@ def _check_range(name: str, number: float, minimum: float | None, maximum: float
 
 @dataclass(frozen=True)
 class CommonParams:
-    """The hyperparameters every family shares (BRIEF: Training container)."""
+    """The hyperparameters every family shares (docs/training.md)."""
 
     family: str
     model_name: str

@@ -1,4 +1,4 @@
-"""ONNX conventions (BRIEF: ONNX model conventions), the parity check and the golden rows.
+"""ONNX conventions (docs/training.md), the parity check and the golden rows.
 
 Conventions: one input `input` float32 [N, n_features]; outputs `label` int64 [N]
 and `scores` float32 [N, k]; metadata `mledge.model`, `mledge.version`,

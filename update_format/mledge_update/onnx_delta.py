@@ -47,7 +47,7 @@ import zstandard
 
 from ._wire import MAX_OUTPUT_BYTES, Reader, put_varint, window_log_for
 from .errors import PatchError
-from .onnx_xor import _fields, _NotProtobuf, _text, _varint
+from .onnx_xor import _fields, _NotProtobufError, _text, _varint
 
 NAME = "onnx-delta-2"
 MAGIC = b"MOD2"
@@ -308,7 +308,7 @@ def find_arrays(model: bytes) -> list[Array]:
     sorted by offset; [] for anything that is not ONNX."""
     try:
         arrays = _Walker(model).model()
-    except (_NotProtobuf, RecursionError):
+    except (_NotProtobufError, RecursionError):
         return []
     kept: list[Array] = []
     for array in sorted(arrays, key=lambda a: a.offset):

@@ -53,7 +53,7 @@ _DTYPE_WIDTH = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12
 # ------------------------------------------------------------------ minimal protobuf walk
 
 
-class _NotProtobuf(Exception):
+class _NotProtobufError(Exception):
     """The bytes are not the protobuf shape we expect; the codec then uses no regions."""
 
 
@@ -69,7 +69,7 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     shift = value = 0
     while True:
         if pos >= end or shift > 63:
-            raise _NotProtobuf
+            raise _NotProtobufError
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -86,7 +86,7 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
         tag, pos = _varint(buf, pos, end)
         number, wire = tag >> 3, tag & 7
         if number == 0:
-            raise _NotProtobuf
+            raise _NotProtobufError
         if wire == 0:
             _, value_end = _varint(buf, pos, end)
         elif wire == 1:
@@ -97,9 +97,9 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
         elif wire == 5:
             value_end = pos + 4
         else:  # groups (3, 4) are not used by ONNX
-            raise _NotProtobuf
+            raise _NotProtobufError
         if value_end > end:
-            raise _NotProtobuf
+            raise _NotProtobufError
         yield number, wire, tag_start, pos, value_end
         pos = value_end
 
@@ -200,7 +200,7 @@ def numeric_regions(model: bytes) -> list[Region]:
     """The numeric arrays of an ONNX model, sorted by offset; [] when it is not ONNX."""
     try:
         regions = _Walker(model).model()
-    except (_NotProtobuf, RecursionError):
+    except (_NotProtobufError, RecursionError):
         return []
     regions.sort(key=lambda r: r.offset)
     # Keep only non-overlapping regions (nested ones cannot occur, but be safe).

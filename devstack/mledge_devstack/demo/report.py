@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mledge_devstack.demo.record import decided_at, iso_to_epoch
+
 if TYPE_CHECKING:
-    from mledge_devstack.demo import Demo, Snapshot
-    from mledge_devstack.demo_display import Display
+    from mledge_devstack.demo.display import Display
+    from mledge_devstack.demo.record import DemoRecord, Snapshot
 
 FINAL_PHASE = {"anomaly": "faults", "digits": "classify"}
 
@@ -44,7 +46,7 @@ def _uplink(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "bytes_per_reading": round(sent / readings, 2) if readings else None}
 
 
-def build_summary(demo: Demo, snap: Snapshot | None, error: BaseException | None) -> dict[str, Any]:
+def build_summary(demo: DemoRecord, snap: Snapshot | None, error: BaseException | None) -> dict[str, Any]:
     """Everything the run measured, as plain JSON."""
     options = demo.options
     model = demo.model
@@ -55,7 +57,6 @@ def build_summary(demo: Demo, snap: Snapshot | None, error: BaseException | None
         data = metrics.get("data") or {}
         gate = record.gate or {}
         lineage = record.lineage or {}
-        from mledge_devstack.demo import decided_at, iso_to_epoch
 
         trainings.append({
             "version": version, "status": str(record.status),

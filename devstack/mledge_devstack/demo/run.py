@@ -5,7 +5,7 @@
 Starts the local stack (moto server + IoT bridge, mosquitto with TLS and per-thing ACLs,
 the dispatcher running app.py's handlers, the local training backend running the real
 trainer), provisions N things with their own certificates, runs one device agent per
-thing (`mledge_devstack.demo_device`: `mledge_edge.Agent` + a scenario-controlled
+thing (`mledge_devstack.demo.device`: `mledge_edge.Agent` + a scenario-controlled
 simulator) and plays a story, printing progress; then writes `summary.json` and
 `report.html` into the output folder (docs/demo.md explains both).
 
@@ -28,9 +28,7 @@ stopped on success, failure, Ctrl-C and SIGTERM.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -41,65 +39,38 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from chalicelib import layout
 from chalicelib.config import ModelConfig, load_pipeline_config
-from chalicelib.registry import Registry, Status, VersionRecord
+from chalicelib.registry import Registry, Status
 from chalicelib.state import StateStore
-from mledge_devstack.demo_display import Display
+from mledge_devstack.demo.display import Display
+from mledge_devstack.demo.record import (  # noqa: F401  (re-exported: the demo's public names)
+    DECIDED,
+    DEFAULT_OUTPUT,
+    DEFAULT_WORKDIR,
+    DEMO_PIPELINE_CONFIG,
+    RELEASED,
+    SCENARIO_MODEL,
+    DemoError,
+    DemoInterruptedError,
+    DemoOptions,
+    Snapshot,
+    decided_at,
+    failing_reasons,
+    iso_to_epoch,
+)
 from mledge_devstack.procs import ManagedProcess
 from mledge_devstack.stack import PROJECT_DIR, LocalStack, ThingCredentials, child_environment
 
 log = logging.getLogger(__name__)
 
-DEMO_PIPELINE_CONFIG = Path(__file__).with_name("demo_pipeline.toml")
-DEFAULT_OUTPUT = PROJECT_DIR / "demo-output"
-DEFAULT_WORKDIR = PROJECT_DIR / ".devstack" / "demo"
-SCENARIO_MODEL = {"anomaly": "vibration-anomaly", "digits": "digits"}
 DIGITS_TOTAL = 1797  # scikit-learn's digits data set
 POLL_SECONDS = 0.5
-DECIDED = {Status.REJECTED, Status.APPROVED, Status.RELEASED, Status.SUPERSEDED,
-           Status.ROLLED_BACK, Status.FAILED}
-RELEASED = {Status.RELEASED, Status.SUPERSEDED, Status.ROLLED_BACK}
 
 T = TypeVar("T")
-
-
-class DemoError(Exception):
-    """The story did not reach its next step (a timeout, a failed training, a dead agent)."""
-
-
-class DemoInterrupted(Exception):
-    """Ctrl-C or SIGTERM."""
-
-
-@dataclass
-class DemoOptions:
-    scenario: str = "anomaly"
-    devices: int = 10
-    fleet_rate: float = 30.0  # readings per second across the fleet
-    output: Path = DEFAULT_OUTPUT
-    workdir: Path = DEFAULT_WORKDIR
-    pipeline_config: Path = DEMO_PIPELINE_CONFIG
-    timeout: float = 900.0  # the whole story
-    stage_timeout: float = 300.0  # one step of it
-    steady_seconds: float = 10.0  # the first model serves this long before the shift
-    fault_rate: float = 0.05  # injected in the last phase
-    fault_readings_per_device: int = 80
-    live: bool | None = None  # None: a live display when stdout is a terminal
-    stream: Any = None
-
-    def validate(self) -> DemoOptions:
-        if self.scenario not in SCENARIO_MODEL:
-            raise DemoError(f"unknown scenario {self.scenario!r} (anomaly | digits)")
-        if not 1 <= self.devices <= 200:
-            raise DemoError(f"--devices must be within 1..200, got {self.devices}")
-        if self.fleet_rate <= 0:
-            raise DemoError("--fleet-rate must be > 0")
-        return self
 
 
 # ------------------------------------------------------------------------ the fleet
@@ -154,7 +125,7 @@ class Fleet:
         for device in self.devices:
             device.state_dir.mkdir(parents=True, exist_ok=True)
             argv = [
-                sys.executable, "-m", "mledge_devstack.demo_device",
+                sys.executable, "-m", "mledge_devstack.demo.device",
                 "--control", str(self.control_path), "--scenario", self.options.scenario,
                 "--device-index", str(device.index), "--device-count", str(len(self.devices)),
                 "--thing", device.name, "--model", self.model,
@@ -185,82 +156,12 @@ class Fleet:
 # ------------------------------------------------------------------------ observing
 
 
-@dataclass
-class Snapshot:
-    t: float  # seconds since the demo started
-    versions: dict[int, VersionRecord]
-    new_records: int
-    devices: dict[str, dict[str, Any]]
-
-    def serving(self) -> dict[str, int | None]:
-        return {name: stats.get("serving_version") for name, stats in self.devices.items()}
-
-    def count_serving(self, version: int) -> int:
-        return sum(1 for v in self.serving().values() if v == version)
-
-    def training(self) -> VersionRecord | None:
-        for record in self.versions.values():
-            if record.status == Status.TRAINING:
-                return record
-        return None
-
-    def in_flight(self) -> bool:
-        """A training runs, or an approved version waits for its release (one whose
-        release was skipped or failed waits for nothing)."""
-        return any(r.status is Status.TRAINING or (r.status is Status.APPROVED
-                                                   and not _release_ended(r))
-                   for r in self.versions.values())
-
-    def fault_ids(self) -> list[str]:
-        """Ids of the fault readings the fleet sent (the simulator's ground truth)."""
-        return [i for stats in self.devices.values() for i in stats.get("demo_fault_ids", [])]
-
-    def released(self) -> list[VersionRecord]:
-        return [r for r in self.versions.values() if r.status in RELEASED]
-
-    def fleet_uplink(self) -> tuple[int, int, int]:
-        """(readings, messages, bytes) the fleet has read and sent so far."""
-        readings = messages = sent = 0
-        for stats in self.devices.values():
-            readings += int(stats.get("readings", 0))
-            for phase in (stats.get("uplink") or {}).values():
-                messages += int(phase.get("messages", 0))
-                sent += int(phase.get("bytes", 0))
-        return readings, messages, sent
-
-
-def _release_ended(record: VersionRecord) -> bool:
-    last = str((record.history or [{}])[-1].get("reason") or "")
-    return last.startswith(("release skipped", "release failed"))
-
-
-def iso_to_epoch(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def decided_at(record: VersionRecord) -> float | None:
-    for entry in record.history:
-        if entry.get("to") in ("REJECTED", "APPROVED", "FAILED"):
-            return iso_to_epoch(entry.get("at"))
-    return None
-
-
-def failing_reasons(record: VersionRecord) -> list[str]:
-    gate = record.gate or {}
-    failed = [c.get("reason", "") for c in gate.get("checks", []) if not c.get("passed")]
-    return failed or list(gate.get("reasons", []))
-
-
 class Demo:
     """One run of a scenario: the stack, the fleet, the observer, the display, the record."""
 
-    def __init__(self, options: DemoOptions) -> None:
+    def __init__(self, options: DemoOptions, story: Callable[[Demo], None]) -> None:
         self.options = options.validate()
+        self.story = story  # the scenario (anomaly.py, digits.py) told on this run
         self.model_name = SCENARIO_MODEL[options.scenario]
         self.config = load_pipeline_config(options.pipeline_config)
         self.model: ModelConfig = self.config.model(self.model_name)
@@ -418,10 +319,7 @@ class Demo:
         summary: dict[str, Any] = {}
         try:
             self._setup()
-            if self.options.scenario == "anomaly":
-                self._anomaly()
-            else:
-                self._digits()
+            self.story(self)
         except BaseException as exc:
             error = exc
         finally:
@@ -442,8 +340,8 @@ class Demo:
         self.stack = LocalStack(options.workdir / "stack", pipeline_config=options.pipeline_config)
         self.stack.start()
         clients, settings = self.stack.clients, self.stack.settings
-        self.registry = Registry(settings.registry_table, clients.dynamodb)
-        self.state = StateStore(settings.state_table, clients.dynamodb)
+        self.registry = Registry.for_settings(settings, clients)
+        self.state = StateStore.for_settings(settings, clients)
         self.event(f"  stack up: moto {settings.endpoint_url}, mosquitto localhost:"
                    f"{self.stack.mqtt_port} (TLS, client certificates, per-thing ACL)")
         self.fleet = Fleet(self.stack, options, self.model_name)
@@ -465,7 +363,7 @@ class Demo:
         d = self.display
         d.finish()
         if error is not None:
-            reason = ("interrupted" if isinstance(error, KeyboardInterrupt | DemoInterrupted)
+            reason = ("interrupted" if isinstance(error, KeyboardInterrupt | DemoInterruptedError)
                       else f"{type(error).__name__}: {error}")
             d.write(d.bad(f"demo stopped: {reason}"))
         d.write(d.dim("stopping the device agents and the local stack ..."))
@@ -482,7 +380,7 @@ class Demo:
                 self.stack.stop()
             stop_leftover_children()
         if summary:
-            from mledge_devstack.demo_report import print_summary, write_outputs
+            from mledge_devstack.demo.report import print_summary, write_outputs
 
             paths = write_outputs(summary, self.options.output)
             if error is None:
@@ -490,205 +388,6 @@ class Demo:
             d.write(f"summary: {paths['summary']}\nreport:  {paths['report']}")
         return summary
 
-    # ------------------------------------------------------------------ anomaly story
-    def _anomaly(self) -> None:
-        assert self.fleet is not None
-        n = len(self.fleet.devices)
-        self.stage("1 stream", "no model yet: every reading goes up; the first training "
-                   f"starts after {self.model.min_new_records} new records")
-        first = self.wait_for(
-            "first training and its gate decision",
-            lambda s: next((r for r in s.versions.values() if r.status in DECIDED), None),
-            progress=self.data_progress)
-        if first.status != Status.REJECTED:
-            self.event(self.display.bad(f"  note: the first model was {first.status}, "
-                                        "not rejected (check demo_pipeline.toml)"))
-
-        self.stage("2 learn", "more data arrives; a retrain must pass the gate and reach "
-                   "every device (full model: nothing to patch yet)")
-        first_release = self.wait_for(
-            "first release installed on every device",
-            lambda s: next((r.version for r in s.released() if s.count_serving(r.version) == n),
-                           None),
-            progress=self.rollout_progress(
-                lambda s: max((r.version for r in s.released()), default=None)))
-        self.record_release(first_release)
-
-        self.stage("3 steady", f"v{first_release} serves on every device: only anomalies, "
-                   f"a {self.model.uplink.sample_rate:.0%} sample and summaries go up")
-        self.fleet.set_control(phase="steady")
-        steady_until = time.monotonic() + self.options.steady_seconds
-        # Retrains started on data sent before the model arrived are decided first (the
-        # gate compares them with what the fleet runs); the shift waits for a quiet fleet.
-        current = self.wait_for(
-            "the fleet runs one model and no training is in flight",
-            lambda s: self._quiet_release(s, steady_until),
-            progress=lambda s: (None, "measuring the uplink with a model; "
-                                + ("waiting for the training in flight"
-                                   if s.in_flight() else "fleet on one model")))
-        if current != first_release:
-            self.record_release(current)
-
-        shift_at = time.time()
-        self.marks["shift"] = self.elapsed()
-        self.stage("4 shift", "the line adds a high-speed product (250 Hz shaft) half the time: "
-                   f"v{current} flags those readings and sends them; they trigger a retrain")
-        self.fleet.set_control(phase="shift", regime="shifted")
-        final_release = self.wait_for(
-            "a release trained on the new regime installed on every device",
-            lambda s: next((r.version for r in s.released()
-                            if (iso_to_epoch(r.created_at) or 0) > shift_at
-                            and s.count_serving(r.version) == n), None),
-            progress=self.rollout_progress(
-                lambda s: max((r.version for r in s.released()
-                               if (iso_to_epoch(r.created_at) or 0) > shift_at), default=None)))
-        self.record_release(final_release)
-
-        self.stage("5 faults", f"faults injected in {self.options.fault_rate:.0%} of readings: "
-                   f"v{final_release} flags them on the device")
-        self.marks["faults"] = self.elapsed()
-        self.fleet.set_control(phase="faults", fault_rate=self.options.fault_rate)
-        target = self.options.fault_readings_per_device
-        recorded = {final_release}
-
-        def fault_readings(snap: Snapshot) -> int:
-            current = self._current_release(snap)
-            low = None
-            for stats in snap.devices.values():
-                entry = (stats.get("demo") or {}).get(f"faults/v{current}") or {}
-                count = int(entry.get("readings", 0))
-                low = count if low is None else min(low, count)
-            return low or 0
-
-        labelled: dict[str, Any] = {}
-
-        def finished(snap: Snapshot) -> bool:
-            # Data sent while the new release rolled out may start one more retrain; the
-            # story ends once it is decided (and, if it won, installed everywhere).
-            current = self._current_release(snap)
-            if current is not None and current not in recorded and \
-                    snap.count_serving(current) == n:
-                recorded.add(current)
-                self.record_release(current)
-            if not labelled and fault_readings(snap) >= target // 2:
-                labelled.update(self._label(snap))
-            if labelled and "version" not in labelled and not snap.in_flight():
-                labelled.update(self._retrain())
-            retrained = labelled.get("version")
-            return (retrained is not None and retrained in snap.versions
-                    and not snap.in_flight() and current in recorded
-                    and fault_readings(snap) >= target)
-
-        self.wait_for("every device reads with faults injected; no training in flight",
-                      lambda s: finished(s) or None,
-                      progress=lambda s: (fault_readings(s) / target,
-                                          f"{fault_readings(s)}/{target} readings per device"
-                                          + ("; a retrain is in flight" if s.in_flight() else "")))
-        self.stage("done", "stopping")
-
-    def _operator(self) -> Any:
-        from chalicelib.operator import Operator
-
-        assert self.stack is not None
-        return Operator(clients=self.stack.clients, settings=self.stack.settings,
-                        config=self.config)
-
-    def _label(self, snap: Snapshot) -> dict[str, Any]:
-        """Play the operator: confirm half of the fault readings the fleet sent as faults
-        (`mledge label`). The next training sees the faults at their true rate (records
-        are weighted by 1 / inclusion_p), keeps the confirmed ones out of its training
-        data, and the gate refuses it if it flags fewer of them than the fleet's model."""
-        sent = sorted(snap.fault_ids())
-        chosen = sent[::2]
-        if chosen:
-            self._operator().label(self.model_name, chosen, "fault",
-                                   reason="demo operator: confirmed on site",
-                                   actor="demo-operator")
-        self.event(f"  operator: {len(chosen)} of {len(sent)} fault readings sent labelled "
-                   "'fault' (mledge label)")
-        self.labels = {"fault_readings_sent": len(sent), "labelled": len(chosen)}
-        return dict(self.labels)
-
-    def _retrain(self) -> dict[str, Any]:
-        """`mledge train` once nothing is in flight, so the training includes the labels."""
-        from chalicelib.trigger import TriggerError
-
-        try:
-            started = self._operator().train(self.model_name, reason="operator: faults labelled",
-                                             force=True)
-        except TriggerError as exc:  # e.g. a training that the trigger just started
-            self.event(f"  operator: retrain not started yet ({exc})")
-            return {}
-        self.event(f"  operator: retrain v{started.version} requested (mledge train)")
-        self.labels["retrain_version"] = started.version
-        return {"version": started.version}
-
-    @staticmethod
-    def _current_release(snap: Snapshot) -> int | None:
-        released = [r.version for r in snap.versions.values() if r.status == Status.RELEASED]
-        return released[0] if released else None
-
-    def _quiet_release(self, snap: Snapshot, steady_until: float) -> int | None:
-        if snap.in_flight() or time.monotonic() < steady_until:
-            return None
-        released = [r for r in snap.versions.values() if r.status == Status.RELEASED]
-        if not released:
-            return None
-        current = released[0].version
-        return current if snap.count_serving(current) == len(snap.devices) else None
-
-    # ------------------------------------------------------------------ digits story
-    def _digits(self) -> None:
-        assert self.fleet is not None and self.stack is not None
-        from chalicelib.operator import Operator
-
-        n = len(self.fleet.devices)
-        operator = Operator(clients=self.stack.clients, settings=self.stack.settings,
-                            config=self.config)
-        consumed = 0
-        decisions: list[VersionRecord] = []
-        for share, label in ((0.10, "10 %"), (0.70, "70 %")):
-            limit = int(DIGITS_TOTAL * share)
-            self.fleet.set_control(phase=f"stream-{int(share * 100)}", digits_limit=limit)
-            self.stage(f"stream {label}", f"devices send the first {label} of the digits "
-                       f"({limit} images) with their labels")
-            need = limit - consumed
-            self.wait_for(f"{limit} images stored in S3", functools.partial(_stored, need),
-                          progress=functools.partial(_stored_progress, need))
-            self.stage(f"train {label}", f"the operator starts a training on {label} "
-                       "(`mledge train digits`)")
-            start = operator.train(self.model_name, reason=f"demo: operator trains on {label}")
-            consumed = limit
-            version = start.version
-            decisions.append(self.wait_for(
-                f"v{version}'s gate decision", functools.partial(_decided, version),
-                progress=functools.partial(_training_progress, version)))
-        released = decisions[-1]
-        if released.status == Status.REJECTED:
-            raise DemoError(f"the 70 % model v{released.version} was rejected: "
-                            + "; ".join(failing_reasons(released)))
-        self.stage("release", f"v{released.version} goes to every device")
-        self.wait_for("every device serves the classifier",
-                      lambda s: s.count_serving(released.version) == n or None,
-                      progress=self.rollout_progress(lambda s: released.version))
-        self.record_release(released.version)
-        self.stage("classify", "devices classify the remaining 30 % locally "
-                   f"(send a {self.model.uplink.sample_rate:.0%} sample and summaries)")
-        self.marks["classify"] = self.elapsed()
-        self.fleet.set_control(phase="classify", digits_limit=DIGITS_TOTAL)
-        left = DIGITS_TOTAL - int(DIGITS_TOTAL * 0.70)
-
-        def classified(snap: Snapshot) -> int:
-            return sum(int(((st.get("demo") or {}).get(f"classify/v{released.version}") or {})
-                           .get("readings", 0)) for st in snap.devices.values())
-
-        self.wait_for("the remaining images classified on the devices",
-                      lambda s: classified(s) >= left or None,
-                      progress=lambda s: (classified(s) / left,
-                                          f"{classified(s)}/{left} images classified on devices"))
-        self.stage("done", "stopping")
-
-    # ------------------------------------------------------------------ records
     def record_release(self, version: int) -> None:
         """What one release shipped and how the fleet took it, read while it is current."""
         assert self.stack is not None and self.registry is not None and self.fleet is not None
@@ -762,7 +461,7 @@ class Demo:
                    f"whole fleet {entry['seconds_threshold_to_fleet']} s")
 
     def _summary(self, snap: Snapshot | None, error: BaseException | None) -> dict[str, Any]:
-        from mledge_devstack.demo_report import build_summary
+        from mledge_devstack.demo.report import build_summary
 
         return build_summary(self, snap, error)
 
@@ -807,77 +506,3 @@ def _signals_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _raise_interrupted(signum: int, frame: Any) -> None:
-    raise DemoInterrupted(f"signal {signal.Signals(signum).name}")
-
-
-def run_demo(options: DemoOptions) -> dict[str, Any]:
-    return Demo(options).run()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mledge_devstack.demo",
-        description="The local end-to-end demo: a simulated fleet of real device agents, the "
-                    "whole retrain-and-deliver loop (docs/demo.md).")
-    parser.add_argument("--scenario", choices=sorted(SCENARIO_MODEL), default="anomaly")
-    parser.add_argument("--devices", type=int, default=10)
-    parser.add_argument("--fleet-rate", type=float, default=30.0,
-                        help="readings per second across the fleet (split evenly)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="where summary.json and report.html go")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help="stack files, device state, logs")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole story")
-    parser.add_argument("--stage-timeout", type=float, default=300.0,
-                        help="seconds for one step of the story (raise it on a loaded machine)")
-    parser.add_argument("--plain", action="store_true", help="no live redraw, no colours")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # A slow stop escalates to SIGKILL by design; the display says what is stopping.
-    logging.getLogger("mledge_devstack.procs").setLevel(logging.ERROR)
-    options = DemoOptions(scenario=args.scenario, devices=args.devices,
-                          fleet_rate=args.fleet_rate, output=args.output.resolve(),
-                          workdir=args.workdir.resolve(), timeout=args.timeout, stage_timeout=args.stage_timeout,
-                          live=False if args.plain else None)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
-    signal.signal(signal.SIGHUP, _raise_interrupted)  # the terminal closed: clean up too
-    # Ctrl-C stops the story even where the demo was started with SIGINT ignored (a
-    # background job of a script): cleanup then runs as for any other stop.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        summary = run_demo(options)
-    except (KeyboardInterrupt, DemoInterrupted):
-        return 130
-    except DemoError:
-        return 1
-    return 0 if summary.get("outcome") == "passed" else 1
-
-
-
-# Conditions the digits story waits for (bound with functools.partial inside its loop).
-def _stored(need: int, snapshot: Snapshot) -> bool | None:
-    return snapshot.new_records >= need or None
-
-
-def _stored_progress(need: int, snapshot: Snapshot) -> tuple[float | None, str]:
-    return snapshot.new_records / need, f"{snapshot.new_records}/{need} new records"
-
-
-def _decided(version: int, snapshot: Snapshot) -> VersionRecord | None:
-    record = snapshot.versions.get(version)
-    return record if record is not None and record.status in DECIDED else None
-
-
-def _training_progress(version: int, snapshot: Snapshot) -> tuple[float | None, str]:
-    return None, f"training v{version} (the real trainer)"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """One simulated device of the demo: the real device agent (`mledge_edge.Agent`) fed by a
 scenario-controlled simulator.
 
-    python -m mledge_devstack.demo_device --control CONTROL.json --scenario anomaly \
+    python -m mledge_devstack.demo.device --control CONTROL.json --scenario anomaly \
         --device-index 0 --device-count 10 <mledge-agent flags...>
 
 Everything the device does on the network is the agent's own code (MQTT over TLS with

@@ -1,0 +1,7 @@
+"""`python -m mledge_devstack.demo`."""
+
+import sys
+
+from mledge_devstack.demo.cli import main
+
+sys.exit(main())
