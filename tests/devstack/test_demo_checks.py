@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mledge_devstack.demo_report import _checks, _detection
+from mledge_devstack.demo.report import _checks, _detection
 
 
 def _phase(version: int, faults: int, flagged: int, phase: str = "faults") -> dict[str, Any]:
