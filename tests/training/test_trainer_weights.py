@@ -109,8 +109,8 @@ def test_the_demos_regime_shift_is_still_learned_and_released(tmp_path) -> None:
     """The demo's shift, replayed offline with its simulator: a new operating mode that
     the fleet's model flags every reading of. Weighted, the retrain learns it (it stops
     flagging it) and beats the champion by more than the demo's min_improvement."""
-    from mledge_devstack.demo.record import DEMO_PIPELINE_CONFIG
     from mledge_devstack.demo.device import MODE_DWELL, SHIFTED_MODES
+    from mledge_devstack.demo.record import DEMO_PIPELINE_CONFIG
     from mledge_edge.sensors import MODES, VibrationSensor
 
     from chalicelib.config import load_pipeline_config
