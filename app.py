@@ -131,6 +131,20 @@ def http_promote(model: str, version: str) -> dict:
                                 operator_api.actor_of(request.context))
 
 
+@app.route("/models/{model}/versions/{version}/release", methods=["POST"], authorizer=_iam)
+def http_release(model: str, version: str) -> dict:
+    request = _request()
+    return operator_api.release(_operator(), model, version, request.json_body,
+                                operator_api.actor_of(request.context))
+
+
+@app.route("/models/{model}/labels", methods=["POST"], authorizer=_iam)
+def http_label(model: str) -> dict:
+    request = _request()
+    return operator_api.label(_operator(), model, request.json_body,
+                              operator_api.actor_of(request.context))
+
+
 @app.route("/models/{model}/rollback", methods=["POST"], authorizer=_iam)
 def http_rollback(model: str) -> dict:
     request = _request()

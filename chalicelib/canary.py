@@ -42,7 +42,7 @@ from mledge_update.naming import iot_job_id
 from chalicelib import ota
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import CanaryConfig, ModelConfig, PipelineConfig
-from chalicelib.model_events import emit_model_approved, model_approved_detail
+from chalicelib.model_events import emit_model_approved, model_approved_detail, new_attempt
 from chalicelib.registry import (
     RELEASED_AT_SOME_POINT,
     Registry,
@@ -240,7 +240,11 @@ def _promote(model_config: ModelConfig, current: VersionRecord, canary_job: str,
     iot = clients.iot
     document = json.loads(iot.get_job_document(jobId=canary_job)["document"])
     document.pop("health", None)  # the fleet is not asked for health reports
-    fleet_job = iot_job_id(model_config.name, current.version)
+    # A release retry's canary is promoted to a fleet job of the same attempt: the
+    # version's plain job id may belong to an earlier, cancelled job.
+    attempt = (current.release or {}).get("attempt")
+    fleet_job = iot_job_id(model_config.name, current.version,
+                           attempt=str(attempt) if attempt else None)
     ota.ensure_update_job(iot, job_id=fleet_job, document=document, model_config=model_config,
                           presign_role_arn=settings.iot_presign_role_arn, stage=settings.stage,
                           version=current.version)
@@ -286,7 +290,10 @@ def _roll_back(model_config: ModelConfig, current: VersionRecord, job_id: str, r
     target = previous[0]
     artifact = target.artifact or ""
     detail = model_approved_detail(name, target.version, artifact, manual=False, rollback=True,
-                                   replaces=version, reason=f"automatic rollback: {reason}")
+                                   replaces=version, reason=f"automatic rollback: {reason}",
+                                   # its own job, like an operator's rollback: a rollback
+                                   # to this version may have been cancelled before
+                                   attempt=new_attempt())
     emit_model_approved(clients.events, settings, detail)
     logger.warning("automatic rollback", extra={"model": name, "from": version,
                                                 "to": target.version, "reason": reason})

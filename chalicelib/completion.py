@@ -8,8 +8,10 @@ One handler per event source (app.py), one function here that does the work:
   (missing or corrupt artifact: FAILED with the reason), run the gate, store
   metrics + decision + reasons, REJECTED or APPROVED, and on approval emit
   ``ModelApproved``;
-- in every terminal case the model's training lock is released (conditional on
-  the version holding it).
+- the model's training lock is released (conditional on the version holding it)
+  when the version fails or is rejected; an approved version keeps it until
+  packaging has released it (or skipped or failed to), so the next training is
+  scored against the model the fleet will run, not one about to be replaced.
 
 Repeated or concurrent events are harmless: the TRAINING -> ... transition is
 conditional (only one handler moves the version), and the approval is announced
@@ -297,8 +299,11 @@ class CompletionHandler:
 
     def _duplicate(self, model: str, version: int, status: Status) -> CompletionResult:
         # The version already left TRAINING; finish what the first delivery may not
-        # have: the lock, and (for an approval) the announcement.
-        released = self.state.release_training_lock(model, version)
+        # have: the lock (an approval keeps it until packaging is done), and the
+        # announcement of an approval.
+        released = False
+        if status is not Status.APPROVED:
+            released = self.state.release_training_lock(model, version)
         announced = False
         if status is Status.APPROVED:
             record = self.registry.get(model, version)
@@ -366,7 +371,9 @@ class CompletionHandler:
             # DynamoDB refused the content itself: retrying cannot succeed.
             return self._record_failure(change, f"the registry refused the gate result: "
                                                 f"{exc.response.get('Error', {}).get('Message')}")
-        released = self.state.release_training_lock(model, version)
+        # An approval keeps the lock: packaging releases it once the release is done.
+        released = False if decision.approved else self.state.release_training_lock(model,
+                                                                                     version)
         announced = self._announce(record) if decision.approved else False
         logger.info("%s v%s %s: %s", model, version, to, "; ".join(decision.reasons))
         self.metrics.gate_decision(model, version, decision.approved, decision.metric,

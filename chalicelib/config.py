@@ -148,6 +148,7 @@ class ModelConfig:
     thing_group: str
     description: str = ""
     min_improvement: float = 0.0
+    detection_tolerance: float = 0.05
     min_train_records: int = 0
     min_new_records: int = 1000
     delta_history: int = 3
@@ -276,6 +277,8 @@ def _parse_model(file: str, name: str, table: Any) -> ModelConfig:
         description=f.get("description", "str", ""),
         threshold=f.get("threshold", "float"),
         min_improvement=f.get("min_improvement", "float", 0.0, minimum=0.0),
+        detection_tolerance=f.get("detection_tolerance", "float", 0.05, minimum=0.0,
+                                  maximum=1.0),
         min_train_records=f.get("min_train_records", "int", 0, minimum=0),
         min_new_records=f.get("min_new_records", "int", 1000, minimum=1),
         thing_group=f.get("thing_group", "str"),

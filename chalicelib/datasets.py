@@ -46,7 +46,7 @@ from aws_lambda_powertools import Logger
 from chalicelib import layout
 from chalicelib.compaction import Compactor
 from chalicelib.config import DatasetConfig, ModelConfig
-from chalicelib.snapshot import DatasetSnapshot, RawObject
+from chalicelib.snapshot import DatasetSnapshot, RawObject, label_entries
 
 logger = Logger(child=True)
 
@@ -442,7 +442,12 @@ def build_dataset(model: ModelConfig, version: int, *, s3: Any, bucket: str, dat
         "counts_sql": counting, "dataset_sql": sql,
         "objects": [o.to_dict() for o in objects], "total": snapshot.summary(),
     }
-    train_manifest: list[Any] = [{"prefix": f"s3://{bucket}/"}, *(o.key for o in objects)]
+    # Verdicts travel in the train channel beside the Parquet files, as they do beside a
+    # raw snapshot's records (trainer.columnar reads them).
+    labels = label_entries(s3, bucket, model.name)
+    document["labels"] = labels
+    train_manifest: list[Any] = [{"prefix": f"s3://{bucket}/"}, *(o.key for o in objects),
+                                 *(label["key"] for label in labels)]
     s3.put_object(Bucket=bucket, Key=snapshot.manifest_key,
                   Body=json.dumps(train_manifest).encode(), ContentType="application/json")
     s3.put_object(Bucket=bucket, Key=snapshot.dataset_key,

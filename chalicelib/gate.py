@@ -15,7 +15,12 @@ every rule passes. The rules:
    never compared to it is rejected;
 4. ``parity``: the ONNX export reproduces the library model (``parity.passed``);
 5. ``min_train_records``: it was trained on at least that many records
-   (``data.train``).
+   (``data.train``);
+6. ``detection`` (anomaly families only): metrics.json carries the detection of the
+   readings with a verdict (trainer.detection). When there are confirmed faults and a
+   champion was scored on them, the challenger must flag at least the champion's
+   share minus ``detection_tolerance``: a clustering score alone never approves a
+   model that has stopped flagging what its champion flagged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from mledge_update.families import ANOMALY_FAMILIES
 
 from chalicelib.config import ModelConfig
 from chalicelib.untrusted import shown
@@ -93,6 +100,35 @@ def _finite(value: Any) -> float | None:
     except OverflowError:  # an integer beyond the float range
         return None
     return value if math.isfinite(value) else None
+
+
+def _rate(section: Any, key: str = "fault_detection") -> float | None:
+    return _score(section, key)
+
+
+def _detection_check(detection: Any, tolerance: float) -> GateCheck:
+    if not isinstance(detection, dict) or not isinstance(detection.get("challenger"), dict):
+        return GateCheck("detection", False,
+                         "metrics.json has no detection result (a trainer that does not "
+                         "score confirmed faults): FAIL")
+    faults = detection.get("labelled_faults")
+    challenger = _rate(detection["challenger"])
+    champion = _rate(detection.get("champion"))
+    if not isinstance(faults, int) or isinstance(faults, bool) or faults <= 0 \
+            or challenger is None:
+        return GateCheck("detection", True,
+                         "no confirmed faults labelled yet (mledge label, fault_rules): "
+                         "nothing to compare: pass")
+    if champion is None:
+        return GateCheck("detection", True,
+                         f"flags {challenger:.1%} of {faults} confirmed faults; no champion "
+                         f"scored on them: pass")
+    needed = champion - tolerance
+    ok = challenger >= needed - _ROUNDING
+    sign = "≥" if ok else "<"
+    return GateCheck("detection", ok,
+                     f"flags {challenger:.1%} of {faults} confirmed faults {sign} champion "
+                     f"{champion:.1%} - detection_tolerance {tolerance:.1%}: {_verdict(ok)}")
 
 
 def _verdict(passed: bool) -> str:
@@ -206,6 +242,11 @@ def evaluate(model_config: ModelConfig, metrics: dict[str, Any], *,
         checks.append(GateCheck("min_train_records", ok,
                                 f"trained on {train} records {sign} min_train_records {minimum}: "
                                 f"{_verdict(ok)}"))
+
+    # 6. detection of confirmed faults
+    if model_config.family in ANOMALY_FAMILIES:
+        checks.append(_detection_check(metrics.get("detection"),
+                                       float(model_config.detection_tolerance)))
 
     approved = all(c.passed for c in checks)
     return GateDecision(

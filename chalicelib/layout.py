@@ -11,6 +11,7 @@ SUMMARIES = "summaries"
 DATASETS = "datasets"
 MODELS = "models"
 RELEASES = "releases"
+LABELS = "labels"
 COMPACTED = "compacted"
 """Parquet compacted from raw/: `compacted/<model>/dt=YYYY-MM-DD/<part>.parquet`."""
 COMPACTION_LEDGERS = "compacted-ledgers"
@@ -129,3 +130,13 @@ def model_of_raw_key(key: str) -> str | None:
     if len(parts) >= 3 and parts[0] == RAW and parts[1]:
         return parts[1]
     return None
+
+
+def labels_prefix(model: str) -> str:
+    """Operator verdicts on readings (`mledge label`); every snapshot includes them."""
+    return f"{LABELS}/{model}/"
+
+
+def labels_key(model: str, when: datetime, action: str) -> str:
+    # Time first: the trainer reads files in key order and the last verdict wins.
+    return f"{labels_prefix(model)}{when:%Y%m%dT%H%M%S%f}-{action}.jsonl.gz"

@@ -1,13 +1,15 @@
 """The `ModelApproved` event (EventBridge) that starts packaging, and announcing it once.
 
-Detail (the event contract, docs/registry.md): ``{"model", "version", "artifact", "manual"}`` plus, for an
-operator rollback, ``"rollback": true`` and ``"replaces"`` (the version it replaces),
-and ``"reason"`` when an operator gave one.
+Detail (the event contract, docs/registry.md): ``{"model", "version", "artifact",
+"manual"}`` plus, for an operator rollback, ``"rollback": true`` and ``"replaces"`` (the
+version it replaces), ``"attempt"`` (a unique id per operator action: rollback or
+release retry, part of its job id), and ``"reason"`` when an operator gave one.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from mledge_update.events import MODEL_APPROVED
@@ -29,10 +31,13 @@ def training_artifact_uri(bucket: str, model: str, job_name: str) -> str:
 
 def model_approved_detail(model: str, version: int, artifact: str, *, manual: bool,
                           rollback: bool = False, replaces: int | None = None,
-                          reason: str | None = None) -> dict[str, Any]:
+                          reason: str | None = None, attempt: str | None = None
+                          ) -> dict[str, Any]:
     detail: dict[str, Any] = {
         "model": model, "version": int(version), "artifact": artifact, "manual": bool(manual),
     }
+    if attempt:
+        detail["attempt"] = attempt
     if rollback:
         detail["rollback"] = True
     if replaces is not None:
@@ -86,3 +91,8 @@ def announce_approval_once(state: StateStore, events_client: Any, settings: Sett
 
 def approval_announced(state: StateStore, model: str, version: int) -> bool:
     return state.event_seen(approval_marker(model, version))
+
+
+def new_attempt() -> str:
+    """A unique id for one operator action (its IoT job id ends with it)."""
+    return uuid.uuid4().hex[:12]

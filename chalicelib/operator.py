@@ -2,18 +2,22 @@
 
 Read the fleet's state (models, versions, one version's lineage, gate reasons and
 history), start a training, promote a rejected version (a recorded manual
-override) and roll a model back to an older release. Every function raises
+override), roll a model back to an older release, release an approved version
+again after its release failed, and label readings as faults or normal. Every function raises
 `UnknownModelError` / `UnknownVersionError` (404) or `ConflictError` (409) with a
 one-line message; callers only format.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from chalicelib import trigger
+from chalicelib import layout, trigger
 from chalicelib.aws import AwsClients
 from chalicelib.backends import TrainingBackend
 from chalicelib.config import PipelineConfig
@@ -22,8 +26,10 @@ from chalicelib.model_events import (
     approval_announced,
     emit_model_approved,
     model_approved_detail,
+    new_attempt,
     training_artifact_uri,
 )
+from chalicelib.records import MAX_ID_CHARS
 from chalicelib.registry import (
     RELEASED_AT_SOME_POINT,
     ConflictError,
@@ -89,6 +95,33 @@ class RollbackRequest:
         return asdict(self)
 
 
+VERDICTS = ("fault", "normal")
+MAX_LABELS_PER_CALL = 10_000
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    model: str
+    verdict: str
+    records: int
+    key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    model: str
+    version: int
+    attempt: str
+    event_id: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class PromoteResult:
     record: VersionRecord
@@ -129,7 +162,11 @@ class Operator:
                 released_score=_score(released, cfg.metric),
                 latest_version=latest.version if latest else None,
                 latest_status=str(latest.status) if latest else None,
-                training_version=lock.version if lock else None,
+                # An approved version keeps the lock while it is being released: that is
+                # not a training in flight.
+                training_version=lock.version if lock and any(
+                    v.version == lock.version and v.status is Status.TRAINING
+                    for v in versions) else None,
             ))
         return out
 
@@ -234,15 +271,73 @@ class Operator:
                     f"{model} has no earlier release than v{current.version} to roll back to")
             target = older[0]
         why = reason or f"rollback requested by {actor}"
+        # Each rollback is its own action with its own job (attempt): going back and forth
+        # between two versions must never reuse the id of a job cancelled on the way.
         detail = model_approved_detail(model, target.version, self._artifact(target),
                                        manual=True, rollback=True, replaces=current.version,
-                                       reason=why)
+                                       reason=why, attempt=new_attempt())
         event_id = emit_model_approved(self.clients.events, self.settings, detail)
         self.registry.note(model, target.version,
                            f"rollback to v{target.version} (from v{current.version}) requested "
                            f"by {actor}: {why}")
         return RollbackRequest(model, target.version, current.version, detail["artifact"],
                                event_id, why)
+
+    def release(self, model: str, version: int, *, reason: str = "",
+                actor: str = "operator") -> ReleaseRequest:
+        """Run packaging again for an APPROVED version whose release failed (e.g. a bad
+        artifact, since fixed), as a new attempt with its own job. Packaging still skips
+        it when a newer version was released meanwhile."""
+        self.config.model(model)
+        record = self.registry.get(model, version)
+        if record.status is not Status.APPROVED:
+            raise TransitionError(f"{model} v{version} is {record.status}: only an APPROVED "
+                                  f"version (whose release failed) can be released again")
+        current = self.registry.released_version(model)
+        if current is not None and current > version:
+            raise ConflictError(f"{model} v{version} is older than the current release "
+                                f"v{current}: releases move forward only (roll back instead)")
+        why = reason or f"release retry requested by {actor}"
+        attempt = new_attempt()
+        detail = model_approved_detail(model, version, self._artifact(record),
+                                       manual=bool(record.override), reason=why,
+                                       attempt=attempt)
+        event_id = emit_model_approved(self.clients.events, self.settings, detail)
+        self.registry.note(model, version, f"release retry {attempt} requested by {actor}: "
+                                           f"{why}")
+        return ReleaseRequest(model, version, attempt, event_id, why)
+
+    def label(self, model: str, record_ids: list[str], verdict: str, *, reason: str = "",
+              actor: str = "operator") -> LabelResult:
+        """Record an operator's verdict ("fault" or "normal") on readings by record id.
+
+        One gzip JSON-lines object under `labels/<model>/`; every later snapshot includes
+        it: confirmed faults are kept out of training and every verdict is scored by the
+        challenger and the champion (the gate's detection rule). A later verdict on the
+        same record wins.
+        """
+        self.config.model(model)
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}, got {verdict!r}")
+        ids = list(dict.fromkeys(record_ids))
+        if not ids:
+            raise ValueError("label needs at least one record id")
+        if len(ids) > MAX_LABELS_PER_CALL:
+            raise ValueError(f"at most {MAX_LABELS_PER_CALL} record ids per call, got {len(ids)}")
+        for rid in ids:
+            if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_CHARS:
+                raise ValueError(f"record ids are non-empty strings of at most {MAX_ID_CHARS} "
+                                 f"characters, got {rid!r}"[:200])
+        now = datetime.now(UTC)
+        at = now.isoformat(timespec="milliseconds")
+        body = "".join(json.dumps({"verdict_of": rid, "verdict": verdict, "by": actor, "at": at,
+                                   "reason": reason}, separators=(",", ":")) + "\n"
+                       for rid in ids)
+        key = layout.labels_key(model, now, new_attempt())
+        self.clients.s3.put_object(Bucket=self.settings.bucket, Key=key,
+                                   Body=gzip.compress(body.encode()),
+                                   Metadata={"record-count": str(len(ids))})
+        return LabelResult(model, verdict, len(ids), key)
 
     def _artifact(self, record: VersionRecord) -> str:
         if record.artifact:

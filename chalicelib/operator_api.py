@@ -112,3 +112,24 @@ def rollback(op: Operator, model: str, json_body: Any, actor: str) -> dict[str, 
     if to is not None and (isinstance(to, bool) or not isinstance(to, int)):
         raise BadRequestError(f"\"to\" must be a version number, got {to!r}")
     return op.rollback(model, to=to, reason=str(body.get("reason") or ""), actor=actor).to_dict()
+
+
+@http_errors
+def release(op: Operator, model: str, version: str, json_body: Any, actor: str) \
+        -> dict[str, Any]:
+    body = _body(json_body)
+    return op.release(model, parse_version(version), reason=str(body.get("reason") or ""),
+                      actor=actor).to_dict()
+
+
+@http_errors
+def label(op: Operator, model: str, json_body: Any, actor: str) -> dict[str, Any]:
+    body = _body(json_body)
+    ids = body.get("record_ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise BadRequestError("label needs \"record_ids\": a list of record id strings")
+    verdict = body.get("verdict")
+    if not isinstance(verdict, str):
+        raise BadRequestError("label needs \"verdict\": \"fault\" or \"normal\"")
+    return op.label(model, ids, verdict, reason=str(body.get("reason") or ""),
+                    actor=actor).to_dict()

@@ -1,8 +1,11 @@
 """AWS IoT Jobs for releases: one job per release, targeting the model's thing group.
 
-The job id is deterministic (`mledge-<model>-v<version>`, or
-`...-rollback-from-v<n>` for a rollback), so a repeated `ModelApproved` event finds
-the job it already created instead of creating a second one. Rollout (exponential
+The job id is deterministic per release attempt (`mledge-<model>-v<version>` for an
+approval, plus `-rollback-<attempt>` for a rollback or `-retry-<attempt>` for an
+operator's release retry), so a repeated `ModelApproved` event finds the job it
+already created instead of creating a second one, while every new action gets a job
+of its own: IoT Jobs never runs a cancelled job again, so reusing the id of one would
+reach no device. Rollout (exponential
 rate), abort (failure percentage after a minimum of executed things), timeout and
 retries come from the model's config, within IoT Jobs' limits (rollout base 1-1,000 per
 minute and increment factor 1.1-5, in-progress timeout 1 minute to 7 days, 0-10 retries
@@ -102,9 +105,15 @@ def ensure_thing_group(iot: Any, group: str, *, model: str, stage: str) -> str:
 def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                       model_config: ModelConfig, presign_role_arn: str, stage: str,
                       version: int, thing_group: str | None = None) -> bool:
-    """Create the release's job unless it exists; True when created now."""
+    """Create the release's job unless it exists; True when created now.
+
+    An existing job that was cancelled is an error, not a success: no device would get it.
+    """
     try:
-        iot.describe_job(jobId=job_id)
+        status = iot.describe_job(jobId=job_id)["job"].get("status")
+        if status in ("CANCELED", "DELETION_IN_PROGRESS"):
+            raise OtaError(f"job {job_id} exists but is {status}: no device would get it "
+                           "(release it again with `mledge release`, a new attempt)")
         return False
     except ClientError as exc:
         if error_code(exc) != "ResourceNotFoundException":
@@ -139,5 +148,19 @@ def cancel_queued(iot: Any, job_id: str, comment: str) -> bool:
         code = error_code(exc)
         if code in ("ResourceNotFoundException", "InvalidStateTransitionException",
                     "InvalidRequestException"):
+            return False
+        raise
+
+
+def cancel_job(iot: Any, job_id: str, comment: str) -> bool:
+    """Cancel a job this packaging created but must not release, in-progress executions
+    included (nothing was released, so no device may start it). False if it was done."""
+    try:
+        iot.cancel_job(jobId=job_id, reasonCode="NOT_RELEASED", comment=comment[:2028],
+                       force=True)
+        return True
+    except ClientError as exc:
+        if error_code(exc) in ("ResourceNotFoundException", "InvalidStateTransitionException",
+                               "InvalidRequestException"):
             return False
         raise

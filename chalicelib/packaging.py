@@ -14,8 +14,18 @@ On `ModelApproved` (packaging, then the job document; docs/packaging.md):
    and cancel the queued executions of the replaced release's job.
 
 Idempotent: a version that is already released is left alone, the job id is
-deterministic, and every upload writes the same bytes to the same key. A corrupt or
-missing artifact is recorded on the version (history) and nothing is released.
+deterministic per release attempt, and every upload writes the same bytes to the same
+key. A corrupt or missing artifact is recorded on the version (history) and nothing is
+released; `mledge release` retries it as a new attempt with its own job.
+
+Releases move forward only: an approval older than the current release (a late or
+replayed event) is skipped with a reason; of two packagings racing, the registry's
+conditional release decides, the loser cancels the job it created and either retries
+on top of the winner (it is newer) or is skipped (it is older), so exactly one job is
+live, the newest's. A rollback is its own action (`replaces` must still be the current
+release) with its own job. When the release ends, however it ends, the training lock
+the approved version still holds is released (completion keeps it across the release,
+so no training is scored against a champion that is about to be replaced).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from chalicelib.registry import (
 )
 from chalicelib.settings import Settings
 from chalicelib.signing import KmsReleaseSigner, SigningError
+from chalicelib.state import StateStore
 from chalicelib.untrusted import shown
 
 logger = Logger(child=True)
@@ -82,6 +93,10 @@ class ModelApproved:
     artifact: str | None = None
     manual: bool = False
     rollback: bool = False
+    replaces: int | None = None
+    attempt: str | None = None
+    """Set by an operator action (rollback, release retry) or an automatic rollback: part
+    of the job id, so each action gets its own job and a cancelled job's id is never reused."""
     reason: str = ""  # why (a rollback's reason is recorded in the registry)
 
     @classmethod
@@ -111,8 +126,18 @@ class ModelApproved:
                 raise PackagingError(f"ModelApproved {name} must be true or false, got "
                                      f"{shown(value)}")
             flags[name] = value
+        replaces = detail.get("replaces")
+        if replaces is not None and type(replaces) is not int:
+            raise PackagingError(f"ModelApproved replaces must be a version number, got "
+                                 f"{shown(replaces)}")
+        attempt = detail.get("attempt")
+        if attempt is not None and (not isinstance(attempt, str) or not attempt
+                                    or len(attempt) > 32 or not attempt.isalnum()
+                                    or not attempt.isascii()):
+            raise PackagingError(f"ModelApproved attempt must be 1-32 letters and digits, got "
+                                 f"{shown(attempt)}")
         return cls(model=model, version=version, artifact=artifact or None,
-                   reason=reason[:1000], **flags)
+                   replaces=replaces, attempt=attempt, reason=reason[:1000], **flags)
 
 
 @dataclass
@@ -176,14 +201,26 @@ def _handle(event: ModelApproved, *, clients: AwsClients, settings: Settings,
         logger.warning("ModelApproved for something we do not know", extra={"error": str(exc)})
         return ReleaseResult(event.model, event.version, "skipped", str(exc))
 
-    skip = _why_not_releasable(event, record, registry)
-    if skip:
-        logger.info("not releasing", extra={"model": event.model, "version": event.version,
-                                            "reason": skip})
-        return ReleaseResult(event.model, event.version, "skipped", skip)
+    state = StateStore(settings.state_table, clients.dynamodb)
+    try:
+        result = _release_or_skip(event, record, model_config, registry, clients, settings)
+    finally:
+        # The approved version kept its training lock across the release (completion):
+        # whatever happened, the next training may start now, against the fleet's model.
+        state.release_training_lock(event.model, event.version)
+    return result
 
+
+def _release_or_skip(event: ModelApproved, record: VersionRecord, model_config: ModelConfig,
+                     registry: Registry, clients: AwsClients, settings: Settings
+                     ) -> ReleaseResult:
+    skip = why_not_releasable(event, record, registry.released_version(event.model))
+    if skip:
+        return _skipped(event, registry, skip)
     try:
         return _release(event, record, model_config, registry, clients, settings)
+    except ReleaseOvertakenError as exc:
+        return _skipped(event, registry, str(exc))
     except (PackagingError, ArtifactError) as exc:
         reason = f"release failed: {exc}"
         logger.error(reason, extra={"model": event.model, "version": event.version})
@@ -191,19 +228,39 @@ def _handle(event: ModelApproved, *, clients: AwsClients, settings: Settings,
         return ReleaseResult(event.model, event.version, "failed", reason)
 
 
-def _why_not_releasable(event: ModelApproved, record: VersionRecord,
-                        registry: Registry) -> str | None:
-    current = registry.released_version(event.model)
+def _skipped(event: ModelApproved, registry: Registry, reason: str) -> ReleaseResult:
+    logger.info("not releasing", extra={"model": event.model, "version": event.version,
+                                        "reason": reason})
+    # Recorded on the version (a replayed event for the current release is not news).
+    if "already the current release" not in reason:
+        registry.note(event.model, event.version, f"release skipped: {reason}")
+    return ReleaseResult(event.model, event.version, "skipped", reason)
+
+
+def why_not_releasable(event: ModelApproved, record: VersionRecord,
+                       current: int | None) -> str | None:
+    """Why this event must not release anything now (None: go ahead)."""
     if current == event.version:
         return f"v{event.version} is already the current release"
     if event.rollback:
         if record.status not in (Status.SUPERSEDED, Status.ROLLED_BACK):
             return (f"v{event.version} is {record.status}: a rollback goes to a version that "
                     "was released before")
+        if event.replaces is not None and current != event.replaces:
+            return (f"the rollback to v{event.version} was asked to replace v{event.replaces}, "
+                    f"but the fleet now runs v{current}: a rollback never undoes a release it "
+                    "did not see")
         return None
     if record.status is not Status.APPROVED:
         return f"v{event.version} is {record.status}, not APPROVED"
+    if current is not None and current > event.version:
+        return (f"v{event.version} is older than the current release v{current}: releases "
+                "move forward only (a late or replayed approval)")
     return None
+
+
+class ReleaseOvertakenError(PackagingError):
+    """A newer release won the race while this one was being packaged."""
 
 
 def _release(event: ModelApproved, record: VersionRecord, model_config: ModelConfig,
@@ -275,13 +332,13 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         logger.warning("job document too large: oldest deltas dropped",
                        extra={"dropped": [(d.from_version, d.codec) for d in dropped]})
     manifest = build_manifest(signed, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = iot_job_id(model, version, rollback_from=rollback_from, canary=canary)
+    job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt,
+                        canary=canary)
     correlate(job=job_id)
     manifest_key = (layout.release_manifest_key(model, version) if not event.rollback
                     else layout.rollback_manifest_key(model, version, job_id))
     _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
 
-    previous = registry.current_release(model)
     try:
         ota.ensure_update_job(
             clients.iot, job_id=job_id, document=document, model_config=model_config,
@@ -309,13 +366,10 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     }
     if event.reason:
         release_info["reason"] = event.reason
-    try:
-        registry.mark_released(model, version, release_info)
-    except AlreadyReleasedError:
-        pass
-    except TransitionError as exc:
-        raise PackagingError(f"registry refused the release: {exc}") from None
-
+    if event.attempt:
+        # The canary's promotion names the fleet job after the same attempt.
+        release_info["attempt"] = event.attempt
+    previous = _mark_released(event, registry, clients, job_id, release_info)
     if previous is not None and previous.version != version:
         # The previous release's job keeps serving the fleet while a canary runs.
         old_jobs = sorted({str(j) for j in ((previous.release or {}).get("job_id"),
@@ -332,7 +386,38 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
                          deltas=released_deltas)
 
 
-def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, new_sha: str, full_size: int,
+def _mark_released(event: ModelApproved, registry: Registry, clients: AwsClients, job_id: str,
+                   release_info: dict[str, Any]) -> VersionRecord | None:
+    """Make the registry say `event.version` is released; returns the release it replaced.
+
+    The registry's write is conditional on the release it read. When another packaging
+    wins in between, this one either goes again on top of the winner (it is still newer)
+    or cancels the job it created and is skipped (the winner is newer): a lost race never
+    leaves a second live job.
+    """
+    model, version = event.model, event.version
+    for _ in range(5):
+        previous = registry.current_release(model)
+        if previous is not None and previous.version == version:
+            return None  # a repeated event: the first delivery released it
+        record = registry.get(model, version)
+        skip = why_not_releasable(event, record, previous.version if previous else None)
+        if skip:
+            ota.cancel_job(clients.iot, job_id, f"not released: {skip}")
+            raise ReleaseOvertakenError(skip)
+        try:
+            registry.mark_released(model, version, release_info)
+            return previous
+        except AlreadyReleasedError:
+            return None
+        except TransitionError as exc:
+            logger.info("release race lost; checking again", extra={"error": str(exc)})
+    ota.cancel_job(clients.iot, job_id, "registry kept changing")
+    raise PackagingError("the registry kept changing under the release; try again")
+
+
+def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, new_sha: str,
+                  full_size: int,
                   bases: list[VersionRecord], budget: PackagingConfig,
                   skipped: list[dict[str, Any]]) -> list[Delta]:
     """Verified deltas from each base that beat the full artifact, built within the

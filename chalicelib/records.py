@@ -5,7 +5,8 @@
 `quarantine/` with a readable reason). The first problem found is the reason.
 
 What a body is (the telemetry record, docs/ingestion.md): the device's JSON object
-`{"id", "ts", "features", "label"?, "model_version"?, "score"?, "anomaly"?}` plus the
+`{"id", "ts", "features", "label"?, "model_version"?, "score"?, "anomaly"?, "reason"?,
+"inclusion_p"?}` (the last two: `mledge_update.uplink`) plus the
 fields the IoT rule adds: `model`, `thing`, `type` (topic segments) and `received_at`
 (epoch milliseconds).
 """
@@ -20,6 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mledge_update.iot_jobs import THING_NAME
+from mledge_update.uplink import (
+    INCLUSION_FIELD,
+    REASON_FIELD,
+    UplinkFieldError,
+    check_uplink_fields,
+)
 
 from chalicelib.config import FeatureSchema, PipelineConfig
 from chalicelib.untrusted import safe_repr, shown
@@ -193,6 +200,14 @@ def normalise_reading(obj: dict[str, Any], model: str, schema: FeatureSchema, th
     label = _label(obj.get("label"), schema, model, present="label" in obj)
     if label is not None:
         out["label"] = label
+    # Why the device sent it decides the record's training weight: unlike the
+    # diagnostics below, a malformed value is a rejection, never silently dropped.
+    try:
+        uplink = check_uplink_fields(obj)
+    except UplinkFieldError as exc:
+        raise RecordError(str(exc)) from None
+    if uplink is not None:
+        out[REASON_FIELD], out[INCLUSION_FIELD] = uplink
     # Device-side diagnostics are kept when well-typed and dropped otherwise: a NaN
     # score from a misbehaving model must not cost us the reading itself.
     version = obj.get("model_version")

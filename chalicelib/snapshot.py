@@ -8,6 +8,7 @@ fair. The snapshot makes that data set reproducible even as new objects arrive:
 - `datasets/<model>/v<NNNNN>/manifest.json`:
   `{"model", "version", "bucket", "created_at", "train_manifest",
     "objects": [{"key", "size", "etag", "records"}, ...],
+    "labels": [{"key", "size", "etag"}, ...],  (operator verdicts, `labels/<model>/`)
     "total": {"objects", "records", "bytes"}}`
 - `datasets/<model>/v<NNNNN>/train.manifest`: the same keys as a SageMaker
   ManifestFile, `[{"prefix": "s3://<bucket>/"}, "raw/...", ...]`, which the
@@ -131,6 +132,22 @@ def previous_counts(s3: Any, bucket: str, model: str, version: int) -> dict[tupl
         return {}  # an unreadable old snapshot only costs HEAD requests
 
 
+def list_label_objects(s3: Any, bucket: str, model: str) -> list[dict[str, Any]]:
+    """Every verdict object of the model (`mledge label`), in key (= time) order."""
+    out: list[dict[str, Any]] = []
+    paginator = s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=layout.labels_prefix(model)):
+        out.extend(o for o in page.get("Contents", []) if o["Key"].endswith(".jsonl.gz"))
+    out.sort(key=lambda o: o["Key"])
+    return out
+
+
+def label_entries(s3: Any, bucket: str, model: str) -> list[dict[str, Any]]:
+    """The manifest entries (`key`, `size`, `etag`) of every verdict object, in key order."""
+    return [{"key": o["Key"], "size": int(o.get("Size", 0)), "etag": o.get("ETag", "").strip('"')}
+            for o in list_label_objects(s3, bucket, model)]
+
+
 def write_snapshot(s3: Any, bucket: str, model: str, version: int,
                    now: datetime | None = None) -> DatasetSnapshot:
     """List the model's raw objects, count their records, write both manifests."""
@@ -143,6 +160,8 @@ def write_snapshot(s3: Any, bucket: str, model: str, version: int,
             records = count_records(s3, bucket, key)
         objects.append(RawObject(key=key, size=int(entry.get("Size", 0)), etag=etag,
                                  records=records))
+    # Verdicts travel in the train channel beside the records (trainer.data reads both).
+    labels = label_entries(s3, bucket, model)
     snapshot = DatasetSnapshot(
         model=model, version=version, bucket=bucket,
         dataset_key=layout.dataset_key(model, version),
@@ -157,9 +176,11 @@ def write_snapshot(s3: Any, bucket: str, model: str, version: int,
         "created_at": snapshot.created_at,
         "train_manifest": snapshot.manifest_key,
         "objects": [o.to_dict() for o in objects],
+        "labels": labels,
         "total": snapshot.summary(),
     }
-    train_manifest: list[Any] = [{"prefix": f"s3://{bucket}/"}, *(o.key for o in objects)]
+    train_manifest: list[Any] = [{"prefix": f"s3://{bucket}/"}, *(o.key for o in objects),
+                                 *(label["key"] for label in labels)]
     s3.put_object(Bucket=bucket, Key=snapshot.manifest_key,
                   Body=json.dumps(train_manifest).encode(), ContentType="application/json")
     s3.put_object(Bucket=bucket, Key=snapshot.dataset_key,

@@ -1,4 +1,4 @@
-"""`mledge models | versions | show | train | promote | rollback`: the registry's operator commands.
+"""`mledge models | versions | show | train | promote | rollback | release | label`: the registry's operator commands.
 
 Only argument parsing and printing: the work is `chalicelib.operator.Operator`.
 Every command prints a readable table (or `--json`); errors print one line to
@@ -71,6 +71,17 @@ def register(sub: Any) -> None:
     p.add_argument("--to", type=int, default=None, metavar="VERSION",
                    help="the version to go back to (default: the previous release)")
     p.add_argument("--reason", default="", help="recorded with the rollback")
+    p = add("release", "package and release an APPROVED version again (its release failed)",
+            cmd_release)
+    p.add_argument("model")
+    p.add_argument("version", type=int)
+    p.add_argument("--reason", default="", help="recorded with the retry")
+    p = add("label", "give readings a verdict: fault or normal (kept out of training / "
+                     "scored by the gate)", cmd_label)
+    p.add_argument("model")
+    p.add_argument("verdict", choices=["fault", "normal"])
+    p.add_argument("record_ids", nargs="+", metavar="RECORD_ID")
+    p.add_argument("--reason", default="", help="recorded with the verdicts")
 
 
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -243,4 +254,25 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return 0
     print(f"rollback of {request.model} from v{request.replaces} to v{request.version} "
           f"requested (ModelApproved {request.event_id}); packaging releases it to the fleet")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    request = _operator(args).release(args.model, args.version, reason=args.reason, actor=_actor())
+    if args.json:
+        _print_json(request.to_dict())
+        return 0
+    print(f"release of {request.model} v{request.version} requested again (attempt "
+          f"{request.attempt}, ModelApproved {request.event_id}); packaging releases it")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    result = _operator(args).label(args.model, args.record_ids, args.verdict, reason=args.reason,
+                               actor=_actor())
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(f"{result.records} readings of {result.model} labelled {result.verdict} "
+          f"(s3 {result.key}); the next training uses them")
     return 0

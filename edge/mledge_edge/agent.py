@@ -20,6 +20,7 @@ from mledge_update import JobDocumentError, SignatureError
 from mledge_update.document import OPERATION, HealthProbe, parse_job_document
 from mledge_update.signing import ReleaseVerifier
 from mledge_update.topics import telemetry_topic
+from mledge_update.uplink import INCLUSION_FIELD, REASON_FIELD, SUMMARY
 
 from .config import AgentConfig, ConfigError
 from .download import Downloader
@@ -377,19 +378,23 @@ class Agent:
                 labels = window["labels"]
                 labels[str(prediction.label)] = labels.get(str(prediction.label), 0) + 1
         self.counter.reading(has_model)
-        send, reason = decider.should_send(has_model, bool(prediction and prediction.anomaly))
+        send, reason, inclusion_p = decider.should_send(
+            has_model, bool(prediction and prediction.anomaly))
         if send:
             self._seq += 1
             record: dict[str, Any] = {
                 "id": f"{self.thing}-{self._boot}-{self._seq}",
                 "ts": round(time.time(), 3),
                 "features": reading.features,
+                # Why it was sent and how likely: the trainer weighs it by 1 / inclusion_p.
+                REASON_FIELD: reason,
+                INCLUSION_FIELD: inclusion_p,
             }
             if reading.label is not None:
                 record["label"] = reading.label
             if prediction is not None:
                 record.update(model_version=prediction.model_version, score=round(prediction.score, 6),
-                              anomaly=prediction.anomaly, reason=reason)
+                              anomaly=prediction.anomaly)
             self._publish(telemetry_topic(self.model_name, self.thing), record, has_model, "telemetry")
             with self._stats_lock:
                 window["sent"] += 1
@@ -416,6 +421,7 @@ class Agent:
             "sent": window["sent"],
             "mean_score": round(window["score_sum"] / window["readings"], 6) if window["readings"] else None,
             "labels": window["labels"],
+            REASON_FIELD: SUMMARY,
         }
         self._publish(telemetry_topic(self.model_name, self.thing, "summary"), summary, True, "summary")
 

@@ -2,15 +2,27 @@
 
 The policy (job document `uplink`, pipeline.toml) is the shared contract's
 `UplinkPolicy` (mledge_update.uplink), read leniently with `from_document`.
+
+Every sent reading says why and with what probability it was sent
+(`mledge_update.uplink`): the trainer weighs it by the inverse, so the filter does not
+skew what the next model learns.
 """
 
 from __future__ import annotations
 
 import random
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
-from mledge_update.uplink import UplinkPolicy
+from mledge_update.uplink import FLAGGED, NO_MODEL, SAMPLE, UplinkPolicy
+
+
+class UplinkDecision(NamedTuple):
+    """Whether a reading is sent, why, and the probability that a reading like it is sent."""
+
+    send: bool
+    reason: str
+    inclusion_p: float
 
 
 class UplinkDecider:
@@ -20,14 +32,15 @@ class UplinkDecider:
         self.policy = policy
         self._random = random.Random(seed)
 
-    def should_send(self, has_model: bool, anomaly: bool) -> tuple[bool, str]:
+    def should_send(self, has_model: bool, anomaly: bool) -> UplinkDecision:
         if not has_model:
-            return self.policy.before_model == "all", "no-model"
+            return UplinkDecision(self.policy.before_model == "all", NO_MODEL, 1.0)
         if anomaly and self.policy.anomalies:
-            return True, "anomaly"
-        if self._random.random() < self.policy.sample_rate:
-            return True, "sample"
-        return False, "suppressed"
+            return UplinkDecision(True, FLAGGED, 1.0)
+        rate = self.policy.sample_rate
+        if self._random.random() < rate:
+            return UplinkDecision(True, SAMPLE, rate)
+        return UplinkDecision(False, "suppressed", rate)
 
 
 class UplinkCounter:

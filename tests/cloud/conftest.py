@@ -7,6 +7,7 @@ and `client` then use it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from chalice.test import Client
@@ -81,3 +82,10 @@ def client(runtime: Runtime) -> Iterator[Client]:
 def approved_queue(aws, settings: Settings) -> str:
     """A queue that receives every ModelApproved event."""
     return approved_events_queue(aws, settings)
+
+
+@pytest.fixture
+def env(aws, settings, client, registry) -> dict[str, Any]:
+    """Packaging on moto: the thing group, the app's runtime, a Chalice test client."""
+    aws.iot.create_thing_group(thingGroupName="mledge-vibration")
+    return {"aws": aws, "settings": settings, "client": client, "registry": registry}

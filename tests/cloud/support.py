@@ -19,8 +19,14 @@ ONNX_BYTES = b"\x08\x07fake-onnx-model-bytes" * 10
 def metrics_doc(*, family: str = "kmeans_anomaly", metric: str = "silhouette",
                 challenger: float | None = 0.45, champion: float | None = None,
                 parity: bool = True, train: int = 4000,
-                onnx_bytes: bytes = ONNX_BYTES) -> dict[str, Any]:
-    """A metrics.json as the training image writes it."""
+                onnx_bytes: bytes = ONNX_BYTES,
+                detection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A metrics.json as the training image writes it (`detection`: no verdicts yet)."""
+    if detection is None and family == "kmeans_anomaly":
+        none = {"fault_detection": None, "false_alarms": None}
+        detection = {"labelled_faults": 0, "labelled_normal": 0,
+                     "faults_kept_out_of_training": 0, "challenger": none,
+                     "champion": none if champion is not None else None}
     return {
         "family": family,
         "metric": metric,
@@ -28,6 +34,7 @@ def metrics_doc(*, family: str = "kmeans_anomaly", metric: str = "silhouette",
         "champion": {metric: champion} if champion is not None else None,
         "parity": {"passed": parity, "max_abs_diff": 2e-6 if parity else 0.3,
                    "label_agreement": 1.0 if parity else 0.9, "rows": 200},
+        "detection": detection,
         "data": {"records": train + train // 4, "train": train, "holdout": train // 4,
                  "files": 3, "skipped_records": 0},
         "model": {"k": 3, "anomaly_threshold": 1.7},

@@ -61,7 +61,8 @@ def test_completed_job_that_passes_the_gate_is_approved_and_announced(
     assert "silhouette 0.5200 ≥ threshold 0.3000: pass" in record.gate["reasons"]
     assert record.metrics["challenger"]["silhouette"] == 0.52
     assert record.artifact == artifact
-    assert state_store.training_lock(VIB) is None
+    # the approval keeps the lock until packaging has released it (packaging tests)
+    assert state_store.training_lock(VIB).version == 1
     assert received_details(aws, approved_queue) == [
         {"model": VIB, "version": version, "artifact": artifact, "manual": False}]
 
@@ -186,7 +187,9 @@ def test_duplicate_completion_event_does_nothing(client, aws, settings, registry
     detail = sagemaker_event_detail(name, "Completed", artifact=artifact)
     _sagemaker(client, detail)
     before = registry.get(VIB, version)
-    # the next training has taken the lock meanwhile: a late duplicate must not free it
+    # packaging released it and the next training has taken the lock meanwhile: a late
+    # duplicate must not free it
+    assert state_store.release_training_lock(VIB, version)
     next_version, _ = start_version(registry, state_store, VIB)
     _sagemaker(client, detail)
     _sagemaker(client, detail)

@@ -35,6 +35,7 @@ def test_first_model_needs_only_threshold_parity_and_records(vib):
         "no champion scored (first model of this model): threshold only: pass",
         "ONNX parity passed (max_abs_diff 2e-06, label_agreement 1.0000, 200 rows): pass",
         "trained on 4000 records ≥ min_train_records 1500: pass",
+        "no confirmed faults labelled yet (mledge label, fault_rules): nothing to compare: pass",
     ]
 
 
@@ -139,7 +140,7 @@ def test_decision_serialises_for_the_registry(vib):
     assert doc["decision"] == "APPROVED" and doc["approved"] is True
     assert doc["metric"] == "silhouette" and doc["threshold"] == 0.30
     assert [c["rule"] for c in doc["checks"]] == [
-        "metrics", "threshold", "improvement", "parity", "min_train_records"]
+        "metrics", "threshold", "improvement", "parity", "min_train_records", "detection"]
 
 
 def test_float_rounding_does_not_fail_an_exact_improvement(vib):
@@ -147,3 +148,42 @@ def test_float_rounding_does_not_fail_an_exact_improvement(vib):
     assert 0.1 + 0.2 > 0.3  # the rounding the gate must absorb
     decision = evaluate(gate, metrics_doc(challenger=0.3, champion=0.1))
     assert decision.approved, decision.reasons
+
+
+def _detection(challenger: float | None, champion: float | None, faults: int = 40
+               ) -> dict:
+    return {"labelled_faults": faults, "labelled_normal": 5, "faults_kept_out_of_training": faults,
+            "challenger": {"fault_detection": challenger, "false_alarms": 0.0},
+            "champion": None if champion is None else {"fault_detection": champion,
+                                                       "false_alarms": 0.0}}
+
+
+def test_a_better_silhouette_blind_to_confirmed_faults_is_rejected(vib):
+    """The issue's v5: silhouette 0.838 vs 0.633, flagging 21 % of what v4 flagged at 100 %."""
+    decision = evaluate(vib, metrics_doc(challenger=0.838, champion=0.633,
+                                         detection=_detection(0.21, 1.0)))
+    assert not decision.approved
+    check = next(c for c in decision.checks if c.rule == "detection")
+    assert check.reason == ("flags 21.0% of 40 confirmed faults < champion 100.0% - "
+                            "detection_tolerance 5.0%: FAIL")
+
+
+def test_detection_within_tolerance_passes(vib):
+    assert evaluate(vib, metrics_doc(challenger=0.5, champion=0.4,
+                                     detection=_detection(0.96, 1.0))).approved
+    assert not evaluate(vib, metrics_doc(challenger=0.5, champion=0.4,
+                                         detection=_detection(0.94, 1.0))).approved
+
+
+def test_an_anomaly_model_without_a_detection_result_is_never_approved(vib):
+    metrics = metrics_doc(challenger=0.9)
+    metrics.pop("detection")
+    decision = evaluate(vib, metrics)
+    assert not decision.approved
+    assert "no detection result" in decision.summary()
+
+
+def test_classifiers_are_not_judged_on_detection(digits):
+    decision = evaluate(digits, metrics_doc(family="classifier", metric="accuracy",
+                                            challenger=0.95, train=2000))
+    assert all(c.rule != "detection" for c in decision.checks)

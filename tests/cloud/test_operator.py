@@ -87,9 +87,13 @@ def test_rollback_announces_the_previous_release_with_rollback_true(
     request = op.rollback(VIB, reason="v2 drifts on line 3", actor="ana")
     assert (request.version, request.replaces) == (v1, v2)
     details = received_details(aws, approved_queue)
+    attempt = details[0].pop("attempt")
     assert details == [{
         "model": VIB, "version": v1, "artifact": registry.get(VIB, v1).artifact, "manual": True,
         "rollback": True, "replaces": v2, "reason": "v2 drifts on line 3"}]
+    # every rollback is its own action: a second one gets another attempt id (job id)
+    op.rollback(VIB, reason="again", actor="ana")
+    assert received_details(aws, approved_queue)[0]["attempt"] != attempt
     # packaging releases it; the registry side then marks v2 ROLLED_BACK
     registry.mark_released(VIB, v1, {"rollback": True, "job_id": "rb"})
     assert registry.get(VIB, v2).status is Status.ROLLED_BACK
@@ -327,3 +331,70 @@ def test_fleet_shows_each_device_on_the_current_release(client, aws, settings, r
     assert f"{VIB} v{version}: job {VIB}-v{version}" in out
     assert "1 CANCELED, 1 QUEUED" in out
     assert "dev-b  CANCELED" in out
+
+
+# ---- labels: an operator's verdicts on readings (mledge label, POST /models/{model}/labels)
+
+
+def test_label_writes_verdicts_that_every_later_snapshot_carries(op, aws, settings) -> None:
+    from chalicelib.snapshot import write_snapshot
+    from tests.cloud.trigger_helpers import put_raw
+
+    put_raw(aws.s3, settings.bucket, VIB, "b1", [{"id": "r1", "features": [0.0] * 8}])
+    result = op.label(VIB, ["r1", "r2", "r1"], "fault", reason="bearing noise", actor="ana")
+    assert result.records == 2 and result.key.startswith(f"labels/{VIB}/")
+    body = aws.s3.get_object(Bucket=settings.bucket, Key=result.key)["Body"].read()
+    lines = [json.loads(x) for x in gzip.decompress(body).decode().splitlines()]
+    assert [(x["verdict_of"], x["verdict"], x["by"]) for x in lines] == [
+        ("r1", "fault", "ana"), ("r2", "fault", "ana")]
+    snapshot = write_snapshot(aws.s3, settings.bucket, VIB, 7)
+    manifest = json.loads(aws.s3.get_object(Bucket=settings.bucket,
+                                            Key=snapshot.manifest_key)["Body"].read())
+    assert result.key in manifest and snapshot.records == 1  # verdicts are not records
+
+
+@pytest.mark.parametrize(("ids", "verdict", "message"), [
+    ([], "fault", "at least one record id"),
+    (["r1"], "broken", "verdict must be one of fault, normal"),
+    (["x" * 129], "fault", "at most 128 characters"),
+    ([""], "normal", "non-empty strings"),
+])
+def test_label_refuses_bad_input_with_a_reason(op, ids, verdict, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        op.label(VIB, ids, verdict)
+
+
+def test_label_route_and_cli(client, aws, settings, capsys) -> None:
+    headers = {"Content-Type": "application/json"}
+    ok = client.http.post(f"/models/{VIB}/labels", headers=headers,
+                        body=json.dumps({"record_ids": ["r9"], "verdict": "normal"}))
+    assert ok.status_code == 200 and ok.json_body["records"] == 1
+    bad = client.http.post(f"/models/{VIB}/labels", headers=headers,
+                         body=json.dumps({"record_ids": "r9", "verdict": "normal"}))
+    assert bad.status_code == 400
+    assert client.http.post("/models/nope/labels", headers=headers, body=json.dumps(
+        {"record_ids": ["r"], "verdict": "fault"})).status_code == 404
+    assert main(["label", VIB, "fault", "r1", "r2", "--reason", "seen on site"]) == 0
+    assert "2 readings of vibration-anomaly labelled fault" in capsys.readouterr().out
+
+
+def test_release_route_retries_only_an_approved_version(client, registry, state_store, aws,
+                                                        settings, approved_queue) -> None:
+    version, name = start_version(registry, state_store, VIB)
+    artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc())
+    registry.transition(VIB, version, Status.APPROVED, expected=[Status.TRAINING],
+                        artifact=artifact)
+    state_store.release_training_lock(VIB, version)  # its release failed (packaging frees it)
+    headers = {"Content-Type": "application/json"}
+    done = client.http.post(f"/models/{VIB}/versions/{version}/release", headers=headers,
+                          body=json.dumps({"reason": "artifact fixed"}))
+    assert done.status_code == 200, done.body
+    detail = received_details(aws, approved_queue)[0]
+    assert detail["attempt"] == done.json_body["attempt"] and detail["version"] == version
+    _, v2, _ = _fleet(registry, state_store, aws, settings.bucket)
+    released = client.http.post(f"/models/{VIB}/versions/{v2}/release", headers=headers,
+                              body="{}")
+    assert released.status_code == 409 and "only an APPROVED version" in released.json_body[
+        "Message"]
+    missing = client.http.post(f"/models/{VIB}/versions/99/release", headers=headers, body="{}")
+    assert missing.status_code == 404

@@ -52,12 +52,6 @@ def artifact(onnx: bytes, golden: dict[str, Any] | None = None,
     return buf.getvalue()
 
 
-@pytest.fixture
-def env(aws, settings, client, registry) -> dict[str, Any]:
-    aws.iot.create_thing_group(thingGroupName="mledge-vibration")
-    return {"aws": aws, "settings": settings, "client": client, "registry": registry}
-
-
 def approve(env: dict[str, Any], blob: bytes) -> int:
     """A version trained and approved, with its artifact in S3."""
     registry: Registry = env["registry"]
@@ -226,9 +220,9 @@ def test_rollback_releases_the_older_model_again(env) -> None:
     v2 = approve(env, artifact(new))
     publish(env, v2)
 
-    result = publish(env, v1, rollback=True, manual=True)
+    result = publish(env, v1, rollback=True, manual=True, replaces=v2, attempt="a1")
     assert result["outcome"] == "released", result
-    assert result["job_id"] == "mledge-vibration-anomaly-v00001-rollback-from-v00002"
+    assert result["job_id"] == "mledge-vibration-anomaly-v00001-rollback-a1"
     doc = job_document(env, result["job_id"])
     assert doc["rollback"] is True and doc["version"] == v1
     assert doc["model_sha256"] == sha256_hex(old)
@@ -239,7 +233,7 @@ def test_rollback_releases_the_older_model_again(env) -> None:
     assert env["registry"].get(MODEL, v2).status is Status.ROLLED_BACK
     assert env["registry"].get(MODEL, v1).status is Status.RELEASED
     # the same rollback event again does nothing
-    assert publish(env, v1, rollback=True)["outcome"] == "skipped"
+    assert publish(env, v1, rollback=True, replaces=v2, attempt="a1")["outcome"] == "skipped"
 
 
 def test_unknown_model_or_version_is_skipped_with_reason(env) -> None:

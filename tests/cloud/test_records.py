@@ -7,6 +7,8 @@ import json
 import tomllib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chalicelib.config import PipelineConfig, load_pipeline_config, parse_pipeline_config
 from chalicelib.records import Reading, Rejection, Summary, classify_message
@@ -126,3 +128,48 @@ def test_exactly_at_the_size_limit_is_accepted() -> None:
     outcome = _classify(over)
     assert isinstance(outcome, Rejection) and outcome.model == VIBRATION
     assert json.loads(outcome.line)["body_truncated"] is True
+
+
+# ---- why the device sent it (mledge_update.uplink): the record's training weight
+
+
+@pytest.mark.parametrize(("reason", "p"), [("no-model", 1.0), ("flagged", 1), ("sample", 0.02)])
+def test_uplink_reason_and_inclusion_probability_are_kept(reason: str, p: float) -> None:
+    outcome = _classify(reading(reason=reason, inclusion_p=p))
+    assert isinstance(outcome, Reading)
+    line = json.loads(outcome.line)
+    assert (line["reason"], line["inclusion_p"]) == (reason, float(p))
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"reason": "sample"}, "inclusion_p: missing"),
+    ({"inclusion_p": 0.5}, "reason: missing"),
+    ({"reason": "bored", "inclusion_p": 1}, "reason: must be one of flagged, no-model, sample"),
+    ({"reason": "sample", "inclusion_p": 0}, "inclusion_p: must be a probability in (0, 1]"),
+    ({"reason": "sample", "inclusion_p": 1.5}, "inclusion_p: must be a probability in (0, 1]"),
+    ({"reason": "sample", "inclusion_p": True}, "inclusion_p: must be a probability in (0, 1]"),
+    ({"reason": "sample", "inclusion_p": "0.1"}, "inclusion_p: must be a probability in (0, 1]"),
+    ({"reason": "flagged", "inclusion_p": 0.5}, "a 'flagged' reading is always sent (1)"),
+])
+def test_a_wrong_weight_is_quarantined_not_trained_on(fields: dict, reason: str) -> None:
+    outcome = _classify(reading(**fields))
+    assert isinstance(outcome, Rejection), outcome
+    assert reason in outcome.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(reason=st.one_of(st.sampled_from(["no-model", "sample", "flagged", "summary", ""]),
+                        st.text(max_size=8), st.integers(), st.none()),
+       p=st.one_of(st.floats(allow_nan=False), st.integers(-2, 2), st.booleans(),
+                   st.text(max_size=4), st.none()))
+def test_any_reason_and_probability_is_kept_valid_or_quarantined(reason: object,
+                                                                 p: object) -> None:
+    outcome = _classify(reading(reason=reason, inclusion_p=p))
+    valid = (reason in ("no-model", "sample", "flagged") and type(p) in (int, float)
+             and 0 < p <= 1 and (reason == "sample" or p == 1))
+    if valid:
+        assert isinstance(outcome, Reading)
+        assert json.loads(outcome.line)["inclusion_p"] == float(p)
+    else:
+        assert isinstance(outcome, Rejection)
+        assert outcome.reason.startswith(("reason:", "inclusion_p:"))

@@ -50,7 +50,9 @@ def test_agent_updates_over_iot_jobs_and_cuts_uplink(tmp_path, mosquitto, iot, a
         telemetry = wait_until(lambda: len(iot.telemetry) >= 30 and iot.telemetry)
         topic, record = telemetry[0]
         assert topic == f"dt/mledge/{MODEL}/dev-1/telemetry"
-        assert set(record) == {"id", "ts", "features"} and len(record["features"]) == 8
+        assert set(record) == {"id", "ts", "features", "reason", "inclusion_p"}
+        assert (record["reason"], record["inclusion_p"]) == ("no-model", 1.0)
+        assert len(record["features"]) == 8
 
         v1 = make_release(artifacts, 1, models[1])
         iot.add_job("dev-1", "job-v1", v1)
@@ -69,9 +71,11 @@ def test_agent_updates_over_iot_jobs_and_cuts_uplink(tmp_path, mosquitto, iot, a
         wait_until(lambda: len(iot.telemetry) >= sent_before + anomalies)
         flagged = [r for _, r in iot.telemetry[sent_before:]]
         assert len(flagged) == anomalies and all(r["anomaly"] and r["model_version"] == 1 for r in flagged)
+        assert all((r["reason"], r["inclusion_p"]) == ("flagged", 1.0) for r in flagged)
         agent._maybe_summary(force=True)
         summary = wait_until(lambda: [r for t, r in iot.telemetry if t.endswith("/summary")])
         assert summary[0]["readings"] == 200 and summary[0]["anomalies"] == anomalies
+        assert summary[0]["reason"] == "summary"
 
         v2 = make_release(artifacts, 2, models[2], [(1, models[1])])
         iot.add_job("dev-1", "job-v2", v2)

@@ -115,7 +115,8 @@ def test_ten_thousand_predictions_while_the_model_swaps(tmp_path):
 def test_uplink_policy_before_and_after_a_model():
     decider = UplinkDecider(UplinkPolicy.from_document({"sample_rate": 0.1}), seed=1)
     assert all(decider.should_send(False, False)[0] for _ in range(100))
-    assert decider.should_send(True, True) == (True, "anomaly")
+    assert decider.should_send(True, True) == (True, "flagged", 1.0)
+    assert decider.should_send(False, True) == (True, "no-model", 1.0)
     sampled = sum(decider.should_send(True, False)[0] for _ in range(2000))
     assert 120 < sampled < 280
     silent = UplinkDecider(UplinkPolicy.from_document({"before_model": "none"}))

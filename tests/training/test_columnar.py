@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from mledge_update.uplink import FLAGGED, NO_MODEL, SAMPLE
 from trainer import columnar, synthetic
 from trainer.columnar import OVER_BUDGET, load_channel, load_parquet_dataset, max_rows_for
 from trainer.data import load_dataset
@@ -137,3 +139,86 @@ def test_a_training_on_a_built_dataset_file(tmp_path):
     assert main(["--base-dir", str(base)]) == 0
     metrics = json.loads((base / "model" / "metrics.json").read_text())
     assert metrics["data"]["records"] == 3000 and metrics["data"]["files"] == 1
+
+
+# Why a device sent a reading, its inclusion probability (None: an agent before the fields;
+# 0 and 1.5 are outside (0, 1] and skipped), and the dataset sample's probability.
+_REASONS = st.sampled_from([None, NO_MODEL, SAMPLE, FLAGGED])
+_INCLUSION = st.sampled_from([None, 1.0, 0.02, 0.5, 0.0, 1.5])
+_SAMPLE_P = st.sampled_from([None, 1.0, 0.25, 0.0])
+
+
+def _weighted_rows(draws: list[tuple]) -> list[dict]:
+    return [{"id": f"r{i}", "features": [float(i), float(i % 7)], "label": label,
+             "reason": reason, "inclusion_p": inclusion, "sample_p": sample_p}
+            for i, (reason, inclusion, sample_p, label) in enumerate(draws)]
+
+
+def _write_both(rows: list[dict], base: Path) -> tuple[Path, Path]:
+    """The same records as a Parquet dataset and as a JSON-lines channel, with one verdict
+    file beside each (as the train manifests of both kinds of snapshot put it)."""
+    as_json, as_parquet = base / "json", base / "parquet"
+    for channel in (as_json, as_parquet):
+        (channel / "labels").mkdir(parents=True)
+        with gzip.open(channel / "labels" / "20260101T000000000000-label.jsonl.gz", "wt") as fh:
+            for verdict_of, verdict in (("r1", "fault"), ("r2", "normal"), ("r1", "normal"),
+                                        ("r3", "fault"), ("", "fault")):
+                fh.write(json.dumps({"verdict_of": verdict_of, "verdict": verdict}) + "\n")
+    (as_json / "raw").mkdir()
+    with gzip.open(as_json / "raw" / "a.jsonl.gz", "wt") as fh:
+        for r in rows:
+            # Raw records omit what they lack; they have no dataset sample (sample_p).
+            fh.write(json.dumps({k: v for k, v in r.items()
+                                 if v is not None and k != "sample_p"}) + "\n")
+    schema = pa.schema([("id", pa.string()), ("features", pa.list_(pa.float64())),
+                        ("label", pa.int64()), ("reason", pa.string()),
+                        ("inclusion_p", pa.float64()), ("sample_p", pa.float64())])
+    write(as_parquet / "data" / "part-0.parquet", rows, schema)
+    return as_json, as_parquet
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(draws=st.lists(st.tuples(_REASONS, _INCLUSION, st.sampled_from([None, 1.0]),
+                                st.one_of(st.none(), st.integers(0, 3))),
+                      min_size=1, max_size=30),
+       with_labels=st.booleans())
+def test_a_parquet_dataset_weighs_flags_and_judges_like_the_json_lines_channel(
+        draws, with_labels, tmp_path_factory):
+    """sample_p 1 or missing: exactly the JSON-lines loader's weights (1 / inclusion_p),
+    flags, labels, verdicts and skipped reasons."""
+    as_json, as_parquet = _write_both(_weighted_rows(draws), tmp_path_factory.mktemp("c"))
+    expected = load_dataset(as_json, 2, with_labels=with_labels)
+    got = load_channel(as_parquet, 2, with_labels=with_labels)
+    assert got.ids == expected.ids
+    np.testing.assert_array_equal(got.features, expected.features)
+    np.testing.assert_array_equal(got.weight_array(), expected.weight_array())
+    np.testing.assert_array_equal(got.flagged_array(), expected.flagged_array())
+    if with_labels:
+        np.testing.assert_array_equal(got.labels, expected.labels)
+    assert got.verdicts == expected.verdicts == {"r1": "normal", "r2": "normal", "r3": "fault"}
+    assert got.skipped_reasons == expected.skipped_reasons
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(draws=st.lists(st.tuples(_REASONS, _INCLUSION, _SAMPLE_P, st.just(None)),
+                      min_size=1, max_size=30))
+def test_a_parquet_row_weighs_one_over_inclusion_p_times_sample_p(draws, tmp_path_factory):
+    rows = _weighted_rows(draws)
+    as_json, as_parquet = _write_both(rows, tmp_path_factory.mktemp("c"))
+    expected = load_dataset(as_json, 2, with_labels=False)
+    got = load_channel(as_parquet, 2, with_labels=False)
+    sample_p = {r["id"]: r["sample_p"] for r in rows}
+    bad_sample = {rid for rid, p in sample_p.items() if p is not None and not 0 < p <= 1}
+    assert got.ids == [rid for rid in expected.ids if rid not in bad_sample]
+    keep = np.array([rid not in bad_sample for rid in expected.ids], dtype=bool)
+    divisor = np.array([sample_p[rid] or 1.0 for rid in got.ids])
+    np.testing.assert_allclose(got.weight_array(), expected.weight_array()[keep] / divisor,
+                               rtol=1e-12)
+    assert got.skipped_reasons.get(columnar.BAD_SAMPLE_P, 0) == len(bad_sample & set(expected.ids))
+
+
+def test_a_parquet_dataset_without_the_probability_columns_weighs_every_row_1(tmp_path):
+    write(tmp_path / "x.parquet", [row(1, [1, 2]), row(2, [3, 4])])
+    data = load_channel(tmp_path, 2, with_labels=False)
+    np.testing.assert_array_equal(data.weight_array(), [1.0, 1.0])
+    assert not data.flagged_array().any() and data.verdicts == {}

@@ -22,7 +22,7 @@ from trainer.onnx_export import PARITY_MAX_ABS_DIFF, TARGET_OPSET
 
 from tests.conftest import subprocess_env
 
-METRICS_KEYS = {"family", "metric", "challenger", "champion", "parity", "data", "model", "onnx"}
+METRICS_KEYS = {"family", "metric", "challenger", "champion", "parity", "detection", "data", "model", "onnx"}
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_per_library():

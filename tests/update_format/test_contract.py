@@ -87,8 +87,13 @@ def test_tags_win_over_the_name_and_a_configured_model_wins_a_split():
 
 def test_iot_job_ids_fit_the_iot_limit():
     assert iot_job_id("m", 3) == "mledge-m-v00003"
-    assert iot_job_id("m", 3, rollback_from=4) == "mledge-m-v00003-rollback-from-v00004"
-    assert len(iot_job_id("m" * 63, 99999, rollback_from=99998)) == 64
+    assert iot_job_id("m", 3, rollback=True, attempt="a1b2") == "mledge-m-v00003-rollback-a1b2"
+    assert iot_job_id("m", 3, attempt="c3") == "mledge-m-v00003-retry-c3"
+    long = iot_job_id("m" * 63, 99999, rollback=True, attempt="0123456789ab")
+    assert len(long) == 64 and long.endswith("-v99999-rollback-0123456789ab")
+    assert iot_job_id("m", 3, canary=True) == "mledge-m-v00003-canary"
+    retry_canary = iot_job_id("m" * 63, 99999, attempt="0123456789ab", canary=True)
+    assert len(retry_canary) == 64 and retry_canary.endswith("-v99999-retry-0123456789ab-canary")
 
 
 def test_telemetry_topics_read_back_and_other_topics_do_not():

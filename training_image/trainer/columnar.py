@@ -17,20 +17,28 @@ counted under the same reasons as the JSON-lines loader (trainer.data).
 
 The dataset build already keeps one copy per record id, so this loader does not
 de-duplicate again (that would cost a set of every id).
+
+Weights and verdicts match the JSON-lines loader's: each row weighs
+`1 / (inclusion_p * sample_p)` (how likely the device sent it, times how likely the
+dataset's sample took it; a missing value counts as 1, a value outside (0, 1] skips
+the row), `reason == "flagged"` marks a flagged reading, and the verdict lines
+(`labels/`, gzip JSON lines) that travel beside the Parquet files give the verdicts.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from mledge_update.uplink import FLAGGED, INCLUSION_FIELD, REASON_FIELD
 
-from trainer.data import Dataset, load_dataset
+from trainer.data import Dataset, list_data_files, load_dataset, load_verdicts
 from trainer.errors import DataError
 
 PARQUET_PATTERN = "*.parquet"
@@ -42,6 +50,10 @@ ROW_OVERHEAD_BYTES = 120
 MEMORY_ENV = "MLEDGE_TRAINER_MEMORY_BYTES"
 """Overrides the detected memory (tests, and instances whose cgroup says nothing)."""
 OVER_BUDGET = "over the instance's row budget (uniform sample kept)"
+SAMPLE_P = "sample_p"
+"""The dataset sample's probability of taking the row (chalicelib.datasets)."""
+BAD_INCLUSION = "inclusion_p not in (0, 1]"  # the JSON-lines loader's reason, word for word
+BAD_SAMPLE_P = "sample_p not in (0, 1]"
 
 
 def memory_bytes() -> int:
@@ -95,6 +107,8 @@ def load_parquet_dataset(channel: Path, n_features: int, *, with_labels: bool,
     capacity = min(total, limit)
     features = np.empty((capacity, n_features), dtype=np.float32)
     labels = np.empty(capacity, dtype=np.int64) if with_labels else None
+    weights = np.empty(capacity, dtype=np.float64)
+    flagged = np.zeros(capacity, dtype=bool)
     ids: list[str] = []
     skipped: Counter[str] = Counter()
     filled = 0
@@ -105,6 +119,7 @@ def load_parquet_dataset(channel: Path, n_features: int, *, with_labels: bool,
         if missing:
             raise DataError(f"{path.relative_to(channel)}: no column {sorted(missing)[0]!r}")
         columns = ["id", "features"] + (["label"] if with_labels and "label" in names else [])
+        columns += [c for c in (INCLUSION_FIELD, SAMPLE_P, REASON_FIELD) if c in names]
         has_key = "sample_key" in names
         if has_key:
             columns.append("sample_key")
@@ -122,13 +137,28 @@ def load_parquet_dataset(channel: Path, n_features: int, *, with_labels: bool,
                     skipped[OVER_BUDGET] += n - _count(chosen)
                     batch = batch.filter(chosen)
                 seen_rows += n
-                filled = _take(batch, n_features, with_labels, features, labels, ids, filled,
+                filled = _take(batch, n_features, with_labels,
+                               _Target(features, labels, weights, flagged, ids), filled,
                                skipped)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path.relative_to(channel)}: unreadable Parquet: {exc}") from None
+    verdict_files = list_data_files(channel)
+    verdicts = load_verdicts(verdict_files, channel, skipped)
     reasons = {reason: n for reason, n in skipped.items() if n}
     return Dataset(ids, features[:filled], labels[:filled] if labels is not None else None,
-                   len(files), sum(reasons.values()), reasons)
+                   len(files) + len(verdict_files), sum(reasons.values()), reasons,
+                   weights[:filled], flagged[:filled], verdicts)
+
+
+@dataclass
+class _Target:
+    """The preallocated arrays the batches are copied into."""
+
+    features: np.ndarray
+    labels: np.ndarray | None
+    weights: np.ndarray
+    flagged: np.ndarray
+    ids: list[str]
 
 
 def _count(mask: pa.Array) -> int:
@@ -139,10 +169,27 @@ def _none(n: int) -> pa.Array:
     return pa.array(np.zeros(n, dtype=bool))
 
 
-def _take(batch: pa.RecordBatch, n_features: int, with_labels: bool, features: np.ndarray,
-          labels: np.ndarray | None, ids: list[str], filled: int,
-          skipped: Counter[str]) -> int:
+def _probability_ok(batch: pa.RecordBatch, name: str, n: int) -> pa.Array:
+    """True where the column is null/absent (counts as 1) or in (0, 1]."""
+    if name not in batch.schema.names:
+        return pa.array(np.ones(n, dtype=bool))
+    column = batch.column(name)
+    inside = pc.and_(pc.greater(column, 0.0), pc.less_equal(column, 1.0))
+    return pc.fill_null(inside, True)
+
+
+def _probability(batch: pa.RecordBatch, name: str) -> np.ndarray:
+    """The column as float64 with nulls (and an absent column) as 1."""
+    if name not in batch.schema.names:
+        return np.ones(batch.num_rows)
+    return np.asarray(pc.fill_null(pc.cast(batch.column(name), pa.float64()), 1.0)
+                      .to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _take(batch: pa.RecordBatch, n_features: int, with_labels: bool, target: _Target,
+          filled: int, skipped: Counter[str]) -> int:
     """Copy the usable rows of one batch into the matrix; returns the new fill level."""
+    features, labels, ids = target.features, target.labels, target.ids
     n = batch.num_rows
     room = features.shape[0] - filled
     if n == 0:
@@ -164,6 +211,10 @@ def _take(batch: pa.RecordBatch, n_features: int, with_labels: bool, features: n
                      else _none(n))
         skipped["missing or non-integer label"] += _count(pc.and_(ok, pc.invert(has_label)))
         ok = pc.and_(ok, has_label)
+    for name, reason in ((INCLUSION_FIELD, BAD_INCLUSION), (SAMPLE_P, BAD_SAMPLE_P)):
+        inside = _probability_ok(batch, name, n)
+        skipped[reason] += _count(pc.and_(ok, pc.invert(inside)))
+        ok = pc.and_(ok, inside)
     batch = batch.filter(ok)
     if batch.num_rows == 0:
         return filled
@@ -179,6 +230,13 @@ def _take(batch: pa.RecordBatch, n_features: int, with_labels: bool, features: n
     features[filled:end] = as32[rows]
     if labels is not None:
         labels[filled:end] = batch.column("label").to_numpy(zero_copy_only=False)[rows]
+    # 1 / (inclusion_p * sample_p): the stream the devices saw, not the uplink filter
+    # nor the dataset's sample (docs/training.md).
+    p = _probability(batch, INCLUSION_FIELD) * _probability(batch, SAMPLE_P)
+    target.weights[filled:end] = (1.0 / p)[rows]
+    if REASON_FIELD in batch.schema.names:
+        is_flagged = pc.fill_null(pc.equal(batch.column(REASON_FIELD), FLAGGED), False)
+        target.flagged[filled:end] = is_flagged.to_numpy(zero_copy_only=False)[rows]
     id_values = batch.column("id").to_pylist()
     ids.extend(id_values[i] for i in rows)
     return end

@@ -1,7 +1,15 @@
 """Loading the train channel: every `*.jsonl.gz` under it, one telemetry record per line.
 
 Records are the normalised lines ingest writes (`{"id", "thing", "model", "ts",
-"received_at", "features": [...], "label"?: int}`). A record that cannot be used
+"received_at", "features": [...], "label"?: int, "reason"?, "inclusion_p"?}`).
+`reason` / `inclusion_p` say why the device sent the reading (no model yet, in the
+random sample at rate p, flagged by its model): each record's training weight is
+`1 / inclusion_p` (1 without the fields), so the dataset represents the stream the
+devices saw, not the filter that thinned it (docs/training.md).
+
+Verdict lines (`{"verdict_of": "<record id>", "verdict": "fault" | "normal", ...}`,
+written by `mledge label` under `labels/`) travel in the same channel; the last verdict
+per record id (files in path order) wins. A record that cannot be used
 (not an object, no string id, wrong feature count, a non-number or non-finite
 feature, a missing label where labels are needed) is skipped and counted, never
 fatal; a file that is not valid gzip is fatal, because silently training on part
@@ -26,11 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mledge_update.uplink import FLAGGED, INCLUSION_FIELD, REASON_FIELD
 
 from trainer.errors import DataError
 
 CHUNK_ROWS = 50_000
 FILE_PATTERN = "*.jsonl.gz"
+VERDICT_OF = "verdict_of"
+VERDICT = "verdict"
+FAULT = "fault"
+NORMAL = "normal"
+VERDICTS = (FAULT, NORMAL)
 
 
 @dataclass
@@ -43,9 +57,30 @@ class Dataset:
     files: int
     skipped: int
     skipped_reasons: dict[str, int] = field(default_factory=dict)
+    weights: np.ndarray | None = None
+    """1 / inclusion_p per record (float64); None means all 1."""
+    flagged: np.ndarray | None = None
+    """True for records the device sent because its model flagged them."""
+    verdicts: dict[str, str] = field(default_factory=dict)
+    """Operator / rule verdicts by record id: "fault" or "normal"."""
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def weight_array(self) -> np.ndarray:
+        return self.weights if self.weights is not None else np.ones(len(self.ids))
+
+    def flagged_array(self) -> np.ndarray:
+        return self.flagged if self.flagged is not None else np.zeros(len(self.ids), dtype=bool)
+
+    def subset(self, mask: np.ndarray) -> Dataset:
+        """The records where `mask` is True (verdicts and counts kept)."""
+        idx = np.flatnonzero(mask)
+        return Dataset(
+            [self.ids[i] for i in idx], self.features[idx],
+            self.labels[idx] if self.labels is not None else None, self.files, self.skipped,
+            dict(self.skipped_reasons), self.weight_array()[idx], self.flagged_array()[idx],
+            dict(self.verdicts))
 
 
 @dataclass
@@ -55,9 +90,18 @@ class Split:
     ids: list[str]
     features: np.ndarray
     labels: np.ndarray | None
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def weight_array(self) -> np.ndarray:
+        return self.weights if self.weights is not None else np.ones(len(self.ids))
+
+    @property
+    def weighted(self) -> bool:
+        """True unless every weight is 1 (then unweighted code paths give the same result)."""
+        return self.weights is not None and bool(np.any(self.weights != 1.0))
 
 
 def list_data_files(channel: Path) -> list[Path]:
@@ -100,10 +144,15 @@ class _Accumulator:
         self.ids: list[str] = []
         self.blocks: list[np.ndarray] = []
         self.label_blocks: list[np.ndarray] = []
+        self.weight_blocks: list[np.ndarray] = []
+        self.flag_blocks: list[np.ndarray] = []
+        self.verdicts: dict[str, str] = {}
         self.skipped: Counter[str] = Counter()
         self._ids: list[str] = []
         self._rows: list[list[Any]] = []
         self._labels: list[int] = []
+        self._weights: list[float] = []
+        self._flags: list[bool] = []
         # Ingest is replay-safe per batch, but SQS may redeliver a message inside another
         # batch (docs/ingestion.md): the same record id can then sit in two raw objects.
         # The first copy (files in path order) is kept.
@@ -112,10 +161,14 @@ class _Accumulator:
     def add(self, records: Iterable[Any]) -> None:
         n, with_labels = self.n_features, self.with_labels
         ids, rows, labels, skipped = self._ids, self._rows, self._labels, self.skipped
+        weights, flags = self._weights, self._flags
         seen = self._seen
         for rec in records:
             if type(rec) is not dict:
                 skipped["not a JSON object"] += 1
+                continue
+            if VERDICT_OF in rec:
+                self._verdict(rec)
                 continue
             rid = rec.get("id")
             if type(rid) is not str or not rid:
@@ -137,11 +190,22 @@ class _Accumulator:
                     skipped["label outside the int64 range"] += 1
                     continue
                 labels.append(label)
+            weight = _weight(rec.get(INCLUSION_FIELD))
+            if weight is None:
+                skipped["inclusion_p not in (0, 1]"] += 1
+                if with_labels:
+                    labels.pop()
+                continue
             seen.add(rid)
             ids.append(rid)
             rows.append(feats)
+            weights.append(weight)
+            flags.append(rec.get(REASON_FIELD) == FLAGGED)
         if len(rows) >= CHUNK_ROWS:
             self.flush()
+
+    def _verdict(self, rec: dict[str, Any]) -> None:
+        _add_verdict(rec, self.verdicts, self.skipped)
 
     def flush(self) -> None:
         if not self._rows:
@@ -155,7 +219,9 @@ class _Accumulator:
         self.ids.extend(i for i, k in zip(self._ids, keep, strict=True) if k)
         if self.with_labels:
             self.label_blocks.append(np.asarray(self._labels, dtype=np.int64)[keep])
-        self._ids, self._rows, self._labels = [], [], []
+        self.weight_blocks.append(np.asarray(self._weights, dtype=np.float64)[keep])
+        self.flag_blocks.append(np.asarray(self._flags, dtype=bool)[keep])
+        self._ids, self._rows, self._labels, self._weights, self._flags = [], [], [], [], []
 
     def dataset(self, files: int) -> Dataset:
         self.flush()
@@ -165,8 +231,46 @@ class _Accumulator:
         if self.with_labels:
             labels = (np.concatenate(self.label_blocks) if self.label_blocks
                       else np.empty(0, dtype=np.int64))
+        weights = (np.concatenate(self.weight_blocks) if self.weight_blocks
+                   else np.empty(0, dtype=np.float64))
+        flagged = (np.concatenate(self.flag_blocks) if self.flag_blocks
+                   else np.empty(0, dtype=bool))
         return Dataset(self.ids, features, labels, files, sum(self.skipped.values()),
-                       dict(self.skipped))
+                       dict(self.skipped), weights, flagged, dict(self.verdicts))
+
+
+def _add_verdict(rec: dict[str, Any], verdicts: dict[str, str], skipped: Counter[str]) -> None:
+    rid, verdict = rec.get(VERDICT_OF), rec.get(VERDICT)
+    if type(rid) is not str or not rid or verdict not in VERDICTS:
+        skipped["unusable verdict line"] += 1
+        return
+    verdicts[rid] = verdict
+
+
+def load_verdicts(files: list[Path], channel: Path, skipped: Counter[str]) -> dict[str, str]:
+    """The verdict lines of `files` (gzip JSON lines, in the given order; the last verdict
+    per record id wins). For a channel whose records are elsewhere (Parquet): any other
+    line is counted in `skipped`, never read as a record."""
+    verdicts: dict[str, str] = {}
+    for path in files:
+        records, bad_lines = _read_records(path, channel)
+        if bad_lines:
+            skipped["line is not valid JSON"] += bad_lines
+        for rec in records:
+            if type(rec) is dict and VERDICT_OF in rec:
+                _add_verdict(rec, verdicts, skipped)
+            else:
+                skipped["not a verdict line (the records are Parquet)"] += 1
+    return verdicts
+
+
+def _weight(p: Any) -> float | None:
+    """1 / inclusion_p; 1 when absent (records from agents before the field); None if bad."""
+    if p is None:
+        return 1.0
+    if type(p) not in (int, float) or not 0.0 < p <= 1.0:
+        return None
+    return 1.0 / float(p)
 
 
 def _to_matrix(rows: list[list[Any]], n_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,9 +328,11 @@ def split_dataset(data: Dataset, holdout_percent: int) -> tuple[Split, Split]:
     mask = holdout_mask(data.ids, holdout_percent)
     train_idx, hold_idx = np.flatnonzero(~mask), np.flatnonzero(mask)
 
+    weights = data.weight_array()
+
     def take(idx: np.ndarray) -> Split:
         labels = data.labels[idx] if data.labels is not None else None
-        return Split([data.ids[i] for i in idx], data.features[idx], labels)
+        return Split([data.ids[i] for i in idx], data.features[idx], labels, weights[idx])
 
     return take(train_idx), take(hold_idx)
 

@@ -29,7 +29,8 @@ import onnxruntime as ort
 
 from trainer import onnx_export
 from trainer.columnar import load_channel
-from trainer.data import Split, describe_skipped, split_dataset
+from trainer.data import FAULT, NORMAL, Dataset, Split, describe_skipped, split_dataset
+from trainer.detection import detection_rates, parse_fault_rules, resolve_verdicts
 from trainer.errors import ChampionError, DataError, TrainingError
 from trainer.families import ModelFamily, get_family
 from trainer.families.base import FittedModel
@@ -60,16 +61,52 @@ def load_champion(path: Path, common: CommonParams) -> tuple[bytes, ort.Inferenc
     return model_bytes, sess
 
 
+def _run_champion(sess: ort.InferenceSession, features: np.ndarray,
+                  what: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        return onnx_export.run(sess, features)
+    except Exception as exc:
+        raise ChampionError(f"champion model.onnx failed on the {what}: {exc}") from None
+
+
 def score_champion(sess: ort.InferenceSession | None, family: ModelFamily, fitted: FittedModel,
                    params: Any, common: CommonParams, holdout: Split) -> dict[str, float] | None:
     """The champion ONNX's metrics on the challenger's holdout, or None without a champion."""
     if sess is None:
         return None
-    try:
-        outputs = onnx_export.run(sess, holdout.features)
-    except Exception as exc:
-        raise ChampionError(f"champion model.onnx failed on the holdout: {exc}") from None
+    outputs = _run_champion(sess, holdout.features, "holdout")
     return family.evaluate(fitted, params, common, holdout, *outputs)
+
+
+def score_detection(family: ModelFamily, challenger: ort.InferenceSession,
+                    metadata: dict[str, str], champion: ort.InferenceSession | None,
+                    labelled: Dataset, verdicts: np.ndarray, excluded: int) -> dict[str, Any] | None:
+    """Detection of the readings with a verdict, by the challenger's exported model (with
+    its `metadata`) and the champion's (with its own). None for families that flag nothing.
+    """
+    if not family.flags_anomalies:
+        return None
+    if not len(labelled):
+        none = detection_rates(np.empty(0, dtype=bool), verdicts)
+        return {"labelled_faults": 0, "labelled_normal": 0,
+                "faults_kept_out_of_training": excluded, "challenger": none,
+                "champion": none if champion is not None else None}
+    challenger_flags = family.flags(onnx_export.run(challenger, labelled.features)[1], metadata)
+    assert challenger_flags is not None
+    report: dict[str, Any] = {
+        "labelled_faults": int(np.sum(verdicts == FAULT)),
+        "labelled_normal": int(np.sum(verdicts == NORMAL)),
+        "faults_kept_out_of_training": excluded,
+        "challenger": detection_rates(challenger_flags, verdicts),
+        "champion": None,
+    }
+    if champion is not None:
+        meta = dict(champion.get_modelmeta().custom_metadata_map)
+        _, scores = _run_champion(champion, labelled.features, "labelled readings")
+        champion_flags = family.flags(scores, meta)
+        assert champion_flags is not None
+        report["champion"] = detection_rates(champion_flags, verdicts)
+    return report
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -105,10 +142,19 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
     log(f"loaded {len(data)} usable records from {data.files} files in "
         f"{phase.end('load'):.2f}s; skipped {data.skipped} "
         f"({describe_skipped(data.skipped_reasons)})")
+    verdicts = resolve_verdicts(data, parse_fault_rules(common.fault_rules, common.features))
+    confirmed_faults = verdicts == FAULT
+    labelled = data.subset(verdicts != "")
+    labelled_verdicts = verdicts[verdicts != ""]
+    # Confirmed faults are what the model must flag: never part of what it learns as typical.
+    data = data.subset(~confirmed_faults)
     if len(data) < MIN_USABLE_RECORDS:
         raise DataError(
             f"too little data: {len(data)} usable records (need at least {MIN_USABLE_RECORDS}); "
             f"skipped {data.skipped}: {describe_skipped(data.skipped_reasons)}")
+    log(f"{int(confirmed_faults.sum())} confirmed faults kept out of training; "
+        f"{len(labelled)} readings with a verdict; weight {float(data.weight_array().sum()):.0f} "
+        f"over {len(data)} records")
     train_split, holdout = split_dataset(data, common.holdout_percent)
     phase.end("split")
     family.check_data(params, train_split, holdout)
@@ -127,7 +173,9 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
     parity = onnx_export.parity(family.library_outputs(fitted, holdout.features), exported)
     challenger = family.evaluate(fitted, params, common, holdout, *exported)
     champion = score_champion(champion_sess, family, fitted, params, common, holdout)
-    log(f"challenger {challenger}, champion {champion}, parity {parity} "
+    detection = score_detection(family, sess, fitted.metadata, champion_sess, labelled,
+                                labelled_verdicts, int(confirmed_faults.sum()))
+    log(f"challenger {challenger}, champion {champion}, detection {detection}, parity {parity} "
         f"(evaluated in {phase.end('evaluate'):.2f}s)")
 
     metrics: dict[str, Any] = {
@@ -136,8 +184,10 @@ def train(paths: TrainingPaths, timings: dict[str, float] | None = None) -> dict
         "challenger": challenger,
         "champion": champion,
         "parity": parity.to_dict(),
+        "detection": detection,
         "data": {
             "records": len(data),
+            "weight": float(data.weight_array().sum()),
             "train": len(train_split),
             "holdout": len(holdout),
             "files": data.files,

@@ -222,6 +222,8 @@ class CommonParams:
     label_mode: str
     holdout_percent: int
     seed: int
+    fault_rules: str = ""
+    """The raw `fault_rules` JSON (trainer.detection parses it against `features`)."""
 
     @classmethod
     def parse(cls, hp: Hyperparameters, family: str, metrics: tuple[str, ...]) -> CommonParams:
@@ -240,4 +242,5 @@ class CommonParams:
             label_mode=hp.string("label_mode", "none", choices=LABEL_MODES),
             holdout_percent=hp.integer("holdout_percent", 20, minimum=1, maximum=90),
             seed=hp.integer("seed", 0, minimum=0, maximum=2**32 - 1),
+            fault_rules=hp.string("fault_rules", ""),
         )

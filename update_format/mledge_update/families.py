@@ -19,6 +19,8 @@ FAMILY_METRICS: dict[str, tuple[str, ...]] = {
     CNN: ("accuracy", "macro_f1"),
 }
 FAMILIES: tuple[str, ...] = tuple(FAMILY_METRICS)
+# Families whose models flag readings: the gate also judges their detection of faults.
+ANOMALY_FAMILIES: frozenset[str] = frozenset({KMEANS_ANOMALY})
 # Families whose trainer uses a GPU when it has one. The others never do, so giving them
 # one only costs money: the pipeline config refuses it.
 GPU_FAMILIES: tuple[str, ...] = (CNN,)

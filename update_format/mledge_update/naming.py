@@ -2,7 +2,8 @@
 
 A training job is `mledge-<model>-v<version>-<suffix>` (SageMaker's limit: 63 of
 [a-zA-Z0-9-]) and tagged with the full model name, version and stage; the release
-IoT Job of a version is `mledge-<model>-v<NNNNN>`.
+IoT Job of a version is `mledge-<model>-v<NNNNN>` (plus an attempt suffix for an
+operator's rollback or release retry).
 """
 
 from __future__ import annotations
@@ -53,16 +54,23 @@ def job_tags(model: str, version: int, stage: str) -> dict[str, str]:
     return {TAG_MODEL: model, TAG_VERSION: str(version), TAG_STAGE: stage}
 
 
-def iot_job_id(model: str, version: int, *, rollback_from: int | None = None,
-               canary: bool = False) -> str:
-    """The IoT Job that releases a version (`...-rollback-from-v<n>` when it rolls back,
-    `...-canary` for its canary group's job)."""
-    job_id = f"{JOB_PREFIX}{model}-v{version:05d}"
-    if rollback_from is not None:
-        job_id += f"-rollback-from-v{rollback_from:05d}"
+def iot_job_id(model: str, version: int, *, rollback: bool = False,
+               attempt: str | None = None, canary: bool = False) -> str:
+    """The IoT Job that releases a version: `mledge-<model>-v<NNNNN>`, plus
+    `-rollback-<attempt>` for a rollback or `-retry-<attempt>` for a release retry, plus
+    `-canary` for the job of its canary group.
+
+    Each operator action (and each automatic rollback) carries its own attempt id, so it
+    gets a job of its own: IoT Jobs never runs a cancelled job again, and rolling back and
+    forth between two versions must not reuse one. The version, attempt and canary
+    suffix survive truncation of a long model name.
+    """
+    suffix = f"-v{version:05d}"
+    if rollback or attempt:
+        suffix += f"-{'rollback' if rollback else 'retry'}-{attempt or 'x'}"
     if canary:
-        job_id += "-canary"
-    return job_id[:IOT_JOB_ID_LIMIT]
+        suffix += "-canary"
+    return f"{JOB_PREFIX}{model}"[: IOT_JOB_ID_LIMIT - len(suffix)] + suffix
 
 
 def identify_job(job_name: str, tags: Any, known_models: set[str]) -> tuple[str, int] | None:

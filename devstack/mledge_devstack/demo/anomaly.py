@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from chalicelib.registry import Status
 from mledge_devstack.demo.record import DECIDED, Snapshot, iso_to_epoch
@@ -78,6 +79,8 @@ def tell(demo: Demo) -> None:
             low = count if low is None else min(low, count)
         return low or 0
 
+    labelled: dict[str, Any] = {}
+
     def finished(snap: Snapshot) -> bool:
         # Data sent while the new release rolled out may start one more retrain; the
         # story ends once it is decided (and, if it won, installed everywhere).
@@ -86,7 +89,13 @@ def tell(demo: Demo) -> None:
                 snap.count_serving(current) == n:
             recorded.add(current)
             demo.record_release(current)
-        return (not snap.in_flight() and current in recorded
+        if not labelled and fault_readings(snap) >= target // 2:
+            labelled.update(_label(demo, snap))
+        if labelled and "version" not in labelled and not snap.in_flight():
+            labelled.update(_retrain(demo))
+        retrained = labelled.get("version")
+        return (retrained is not None and retrained in snap.versions
+                and not snap.in_flight() and current in recorded
                 and fault_readings(snap) >= target)
 
     demo.wait_for("every device reads with faults injected; no training in flight",
@@ -95,6 +104,44 @@ def tell(demo: Demo) -> None:
                                       f"{fault_readings(s)}/{target} readings per device"
                                       + ("; a retrain is in flight" if s.in_flight() else "")))
     demo.stage("done", "stopping")
+
+def _operator(demo: Demo) -> Any:
+    from chalicelib.operator import Operator
+
+    assert demo.stack is not None
+    return Operator(clients=demo.stack.clients, settings=demo.stack.settings, config=demo.config)
+
+
+def _label(demo: Demo, snap: Snapshot) -> dict[str, Any]:
+    """Play the operator: confirm half of the fault readings the fleet sent as faults
+    (`mledge label`). The next training sees the faults at their true rate (records
+    are weighted by 1 / inclusion_p), keeps the confirmed ones out of its training
+    data, and the gate refuses it if it flags fewer of them than the fleet's model."""
+    sent = sorted(snap.fault_ids())
+    chosen = sent[::2]
+    if chosen:
+        _operator(demo).label(demo.model_name, chosen, "fault",
+                              reason="demo operator: confirmed on site", actor="demo-operator")
+    demo.event(f"  operator: {len(chosen)} of {len(sent)} fault readings sent labelled "
+               "'fault' (mledge label)")
+    demo.labels = {"fault_readings_sent": len(sent), "labelled": len(chosen)}
+    return dict(demo.labels)
+
+
+def _retrain(demo: Demo) -> dict[str, Any]:
+    """`mledge train` once nothing is in flight, so the training includes the labels."""
+    from chalicelib.trigger import TriggerError
+
+    try:
+        started = _operator(demo).train(demo.model_name, reason="operator: faults labelled",
+                                        force=True)
+    except TriggerError as exc:  # e.g. a training that the trigger just started
+        demo.event(f"  operator: retrain not started yet ({exc})")
+        return {}
+    demo.event(f"  operator: retrain v{started.version} requested (mledge train)")
+    demo.labels["retrain_version"] = started.version
+    return {"version": started.version}
+
 
 def _current_release(snap: Snapshot) -> int | None:
     released = [r.version for r in snap.versions.values() if r.status == Status.RELEASED]

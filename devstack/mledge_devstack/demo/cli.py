@@ -19,6 +19,7 @@ from mledge_devstack.demo.record import (
     DemoOptions,
 )
 from mledge_devstack.demo.run import Demo
+from mledge_devstack.local_training import register_local_backend
 
 # One module per scenario: adding one is a module with `tell(demo)` and a line here
 # (and its model in record.SCENARIO_MODEL).
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The operator's `mledge train` runs in this process (the digits story): the local
+    # training backend must be registered here too, not only in the dispatcher.
+    register_local_backend()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # A slow stop escalates to SIGKILL by design; the display says what is stopping.
     logging.getLogger("mledge_devstack.procs").setLevel(logging.ERROR)

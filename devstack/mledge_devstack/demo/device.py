@@ -51,6 +51,7 @@ SHIFTED_MODES = (*MODES, NEW_MODE, NEW_MODE, NEW_MODE)  # half the draws are the
 MODE_DWELL = 20  # readings per operating-mode draw: every device visits every mode early
 DIGITS_ORDER_SEED = 20240601  # one shuffled order of the digits data set, shared by the fleet
 CONTROL_REFRESH_SECONDS = 0.5
+MAX_FAULT_IDS = 2000
 
 KIND_NORMAL, KIND_NEW_REGIME, KIND_FAULT, KIND_DIGIT = "normal", "new_regime", "fault", "digit"
 
@@ -145,6 +146,9 @@ class DemoAgent(Agent):
         self._tally_lock = threading.Lock()
         self._sent_bytes = 0
         self._sent_messages = 0
+        # Ground truth the demo's operator "confirms" (mledge label): ids of the fault
+        # readings this device sent, in the agent's own id format.
+        self._fault_ids: list[str] = []
 
     def process(self, reading: Reading | None) -> Prediction | None:
         if reading is None:  # the simulated machine has nothing new to report
@@ -152,6 +156,9 @@ class DemoAgent(Agent):
         seq_before = self._seq  # the agent numbers each telemetry message it sends
         prediction = super().process(reading)
         sent = self._seq != seq_before
+        if sent and reading.fault and len(self._fault_ids) < MAX_FAULT_IDS:
+            with self._tally_lock:
+                self._fault_ids.append(f"{self.thing}-{self._boot}-{self._seq}")
         uplink = self.counter.snapshot()
         messages = sum(phase["messages"] for phase in uplink.values())
         total = sum(phase["bytes"] for phase in uplink.values())
@@ -186,6 +193,7 @@ class DemoAgent(Agent):
         stats = super().stats()
         with self._tally_lock:
             stats["demo"] = json.loads(json.dumps(self._tally))
+            stats["demo_fault_ids"] = list(self._fault_ids)
         return stats
 
 

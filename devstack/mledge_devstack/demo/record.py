@@ -76,8 +76,15 @@ class Snapshot:
         return None
 
     def in_flight(self) -> bool:
-        """A training runs, or an approved version waits for its release."""
-        return any(r.status in (Status.TRAINING, Status.APPROVED) for r in self.versions.values())
+        """A training runs, or an approved version waits for its release (one whose
+        release was skipped or failed waits for nothing)."""
+        return any(r.status is Status.TRAINING or (r.status is Status.APPROVED
+                                                   and not _release_ended(r))
+                   for r in self.versions.values())
+
+    def fault_ids(self) -> list[str]:
+        """Ids of the fault readings the fleet sent (the simulator's ground truth)."""
+        return [i for stats in self.devices.values() for i in stats.get("demo_fault_ids", [])]
 
     def released(self) -> list[VersionRecord]:
         return [r for r in self.versions.values() if r.status in RELEASED]
@@ -91,6 +98,11 @@ class Snapshot:
                 messages += int(phase.get("messages", 0))
                 sent += int(phase.get("bytes", 0))
         return readings, messages, sent
+
+
+def _release_ended(record: VersionRecord) -> bool:
+    last = str((record.history or [{}])[-1].get("reason") or "")
+    return last.startswith(("release skipped", "release failed"))
 
 
 def iso_to_epoch(value: str | None) -> float | None:
@@ -126,6 +138,7 @@ class DemoRecord(Protocol):
     timeline: list[dict[str, Any]]
     releases: list[dict[str, Any]]
     marks: dict[str, float]
+    labels: dict[str, Any]  # what the demo's operator labelled (anomaly story)
 
     def elapsed(self) -> float: ...
 

@@ -69,6 +69,7 @@ def build_summary(demo: DemoRecord, snap: Snapshot | None, error: BaseException 
                       if isinstance(v, int | float | str)},
             "gate": {"decision": gate.get("decision"), "reasons": gate.get("reasons", [])},
             "failure_reason": record.failure_reason,
+            "detection": metrics.get("detection"),
             "started_s": demo.rel(iso_to_epoch(record.created_at)),
             "decided_s": demo.rel(decided_at(record)),
         })
@@ -114,9 +115,11 @@ def build_summary(demo: DemoRecord, snap: Snapshot | None, error: BaseException 
             if counts.get("correct") or options.scenario == "digits":
                 counts["accuracy"] = _ratio(counts.get("correct", 0), counts.get("predicted", 0))
 
+    detection = _detection(phase_list)
     fleet_before = _uplink([d["before"] for d in per_device.values()])
     fleet_after = _uplink([d["after"] for d in per_device.values()])
-    checks = _checks(options.scenario, trainings, demo.releases, per_device, phase_list)
+    checks = _checks(options.scenario, trainings, demo.releases, per_device, phase_list,
+                     detection)
     outcome = "passed" if error is None and all(c["passed"] for c in checks) else "failed"
     return {
         "scenario": options.scenario, "model": demo.model_name, "devices": options.devices,
@@ -147,14 +150,36 @@ def build_summary(demo: DemoRecord, snap: Snapshot | None, error: BaseException 
                              "after_phase": final_key},
                    "per_device": per_device},
         "phases": phase_list,
+        "detection": detection,
+        "labels": demo.labels,
         "timeline": demo.timeline,
         "logs": {"devices": str(options.workdir / "logs"),
                  "stack": str(options.workdir / "stack" / "logs")},
     }
 
 
+# Fewer injected fault readings than this per version make its detection rate noise.
+MIN_FAULTS_FOR_RATE = 20
+DETECTION_SLACK = 0.05
+
+
+def _detection(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per serving model version: the injected fault readings it saw and flagged."""
+    per_version: dict[int, dict[str, int]] = {}
+    for p in phases:
+        counts = (p.get("kinds") or {}).get("fault") or {}
+        if not counts.get("predicted") or not p.get("version"):
+            continue
+        into = per_version.setdefault(int(p["version"]), {"fault_readings": 0, "flagged": 0})
+        into["fault_readings"] += int(counts.get("predicted", 0))
+        into["flagged"] += int(counts.get("flagged", 0))
+    return [{"version": v, **c, "rate": _ratio(c["flagged"], c["fault_readings"])}
+            for v, c in sorted(per_version.items())]
+
+
 def _checks(scenario: str, trainings: list[dict[str, Any]], releases: list[dict[str, Any]],
-            per_device: dict[str, Any], phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            per_device: dict[str, Any], phases: list[dict[str, Any]],
+            detection: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The outcome the story promises, each as a named pass/fail."""
     checks: list[dict[str, Any]] = []
 
@@ -178,6 +203,22 @@ def _checks(scenario: str, trainings: list[dict[str, Any]], releases: list[dict[
         serving = {d["serving_version"] for d in per_device.values()}
         check("every device serves the final release", serving == {last["version"]},
               f"serving {sorted(str(s) for s in serving)}")
+    stale = [f"v{t['version']}" for t in trainings
+             if any(r.endswith("FAIL") and ("fleet now runs" in r
+                                           or "metrics.json has no champion score" in r)
+                    for r in t["gate"]["reasons"])]
+    check("no training rejected for a stale or missing champion", not stale,
+          ", ".join(stale) or "0 such rejections")
+    if scenario == "anomaly":
+        measured = [d for d in detection or [] if d["fault_readings"] >= MIN_FAULTS_FOR_RATE]
+        worse = [f"v{b['version']} {b['rate']:.0%} < v{a['version']} {a['rate']:.0%}"
+                 for a, b in itertools.pairwise(measured)
+                 if b["rate"] is not None and a["rate"] is not None
+                 and b["rate"] < a["rate"] - DETECTION_SLACK]
+        check("no released model flags fewer faults than its predecessor", not worse,
+              "; ".join(worse) or ", ".join(f"v{d['version']} {d['rate']:.0%} of "
+                                            f"{d['fault_readings']}" for d in measured)
+              or "no version saw faults")
     lower = [name for name, d in per_device.items()
              if d["before"]["bytes_per_reading"] and d["after"]["bytes_per_reading"] is not None
              and d["after"]["bytes_per_reading"] < d["before"]["bytes_per_reading"]]
@@ -227,6 +268,9 @@ def print_summary(summary: dict[str, Any], d: Display) -> None:
             + f"{(c.get('sent_rate') or 0):.0%} sent"
             for kind, c in sorted(p["kinds"].items()))
         d.write(f"  {p['phase']:<9} v{p['version']}: {kinds}")
+    for det in summary.get("detection") or []:
+        d.write(f"  v{det['version']} flagged {det['flagged']}/{det['fault_readings']} injected "
+                f"fault readings ({_pct(det['rate'])})")
     for c in summary["checks"]:
         mark = d.good("PASS") if c["passed"] else d.bad("FAIL")
         d.write(f"  {mark} {c['name']} ({c['detail']})")
@@ -609,6 +653,28 @@ def render_html(summary: dict[str, Any]) -> str:
               ", ".join(f"{k} x{v}" for k, v in r["updated_via"].items()),
               r["bytes_shipped"]["total"], r["seconds_threshold_to_fleet"]]
              for r in s["releases"]], left={0, 3, 4}))
+
+    if s.get("detection") or s.get("labels"):
+        labels = s.get("labels") or {}
+        parts.append("<h2>Fault detection per model version</h2><p class='note'>Injected "
+                     "fault readings each serving version saw on the devices and the share it "
+                     "flagged (the simulator's ground truth). The demo's operator labelled "
+                     f"{labels.get('labelled', 0)} of the {labels.get('fault_readings_sent', 0)} "
+                     "fault readings sent as faults (<code>mledge label</code>) and asked for a "
+                     f"retrain (v{labels.get('retrain_version', '?')}); its gate compared both "
+                     "models on the labelled faults.</p>")
+        parts.append(_table(["version", "fault readings", "flagged", "detection"],
+                            [[f"v{d['version']}", d["fault_readings"], d["flagged"],
+                              _pct(d["rate"])] for d in s.get("detection") or []], left={0}))
+        judged = [t for t in s["trainings"] if (t.get("detection") or {}).get("labelled_faults")]
+        if judged:
+            parts.append(_table(
+                ["training", "status", "labelled faults", "challenger detects",
+                 "champion detects"],
+                [[f"v{t['version']}", t["status"], t["detection"]["labelled_faults"],
+                  _pct((t["detection"].get("challenger") or {}).get("fault_detection")),
+                  _pct((t["detection"].get("champion") or {}).get("fault_detection"))]
+                 for t in judged], left={0, 1}))
 
     parts.append("<h2>Fleet over time</h2><p class='note'>Top: bytes per second the whole fleet "
                  "sent (telemetry and summaries, topic + payload). Bottom: how many devices "

@@ -179,6 +179,7 @@ class Demo:
         self.timeline: list[dict[str, Any]] = []
         self.releases: list[dict[str, Any]] = []
         self.marks: dict[str, float] = {}
+        self.labels: dict[str, Any] = {}
         self._seen_status: dict[int | str, str] = {}
         self._last: Snapshot | None = None
         self._last_sample = -1.0

@@ -31,6 +31,7 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]  # the first is the default `metric`
     needs_labels: ClassVar[bool]
+    flags_anomalies: ClassVar[bool] = False  # True: `flags` says what devices flag
 
     @abstractmethod
     def parse_params(self, hp: Hyperparameters, common: CommonParams) -> Any:
@@ -65,3 +66,11 @@ class ModelFamily(ABC):
         measured the same way; `fitted` is always the challenger (it defines, e.g., the
         feature space silhouette is measured in).
         """
+
+    def flags(self, scores: np.ndarray, metadata: dict[str, str]) -> np.ndarray | None:
+        """Which rows a device running this model flags (None: the family flags nothing).
+
+        `metadata` is the ONNX model's metadata, so a champion is judged by its own
+        threshold exactly as devices apply it.
+        """
+        return None

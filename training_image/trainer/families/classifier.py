@@ -87,7 +87,11 @@ class ClassifierFamily(ModelFamily):
         pipeline = Pipeline([("scale", StandardScaler()), ("classifier", estimator)])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            pipeline.fit(train.features, train.labels)
+            # Records weighted by 1 / inclusion_p (trainer.data): the stream, not the uplink
+            # filter. All-ones weights take the unweighted path (same result as before).
+            weights = train.weights if train.weighted else None
+            pipeline.fit(train.features, train.labels, scale__sample_weight=weights,
+                         classifier__sample_weight=weights)
         converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         n_iter = np.ravel(estimator.n_iter_)
         classes = [int(c) for c in estimator.classes_]
@@ -135,12 +139,15 @@ class ClassifierFamily(ModelFamily):
 
 
 def classification_metrics(holdout: Split, labels: np.ndarray) -> dict[str, float]:
-    """`accuracy` and `macro_f1` of predicted `labels` against the holdout's labels."""
+    """`accuracy` and `macro_f1` of predicted `labels` against the holdout's labels, each
+    record weighted by its weight (all 1 when the records are unweighted)."""
     assert holdout.labels is not None
     truth, predicted = holdout.labels, np.asarray(labels, dtype=np.int64)
+    weights = holdout.weights if holdout.weighted else None
     return {
-        "accuracy": float(np.mean(truth == predicted)),
-        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "accuracy": float(np.average(truth == predicted, weights=weights)),
+        "macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0,
+                                   sample_weight=weights)),
     }
 
 

@@ -208,8 +208,11 @@ def champion_weights(champion_model: bytes | None, arch: Architecture
 
 def _train(net: ConvNet, params: CnnParams, learning_rate: float, epochs: int,
            x: torch.Tensor, y: torch.Tensor, order: torch.Generator,
-           after_step: _Pin | None = None) -> float:
-    """Minibatch training of the trainable parameters; returns the last epoch's mean loss."""
+           after_step: _Pin | None = None, w: torch.Tensor | None = None) -> float:
+    """Minibatch training of the trainable parameters; returns the last epoch's mean loss.
+
+    `w`: per-record weights (1 / inclusion probability, trainer.data); each batch's loss
+    is then the weighted mean. None takes the plain mean, bit for bit as before weights."""
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer
     if params.optimizer == "adam":
@@ -219,6 +222,7 @@ def _train(net: ConvNet, params: CnnParams, learning_rate: float, epochs: int,
         optimizer = torch.optim.SGD(trainable, lr=learning_rate, momentum=0.9,
                                     weight_decay=params.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    per_record = nn.CrossEntropyLoss(reduction="none")
     net.train()
     epoch_loss = float("nan")
     for _ in range(epochs):
@@ -227,7 +231,11 @@ def _train(net: ConvNet, params: CnnParams, learning_rate: float, epochs: int,
         for start in range(0, len(x), params.batch_size):
             batch = permutation[start:start + params.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x[batch]), y[batch])
+            if w is None:
+                loss = loss_fn(net(x[batch]), y[batch])
+            else:
+                bw = w[batch]
+                loss = (per_record(net(x[batch]), y[batch]) * bw).sum() / bw.sum()
             loss.backward()
             optimizer.step()
             if after_step is not None:
@@ -350,7 +358,9 @@ class CnnFamily(ModelFamily):
         y = torch.from_numpy(train.labels.astype(np.int64)).to(device)
         # Shuffling draws from a CPU generator so the order is the same on every device.
         order = torch.Generator().manual_seed(common.seed)
-        epoch_loss = _train(net, params, learning_rate, epochs, x, y, order)
+        w = (torch.from_numpy(train.weight_array().astype(np.float32)).to(device)
+             if train.weighted else None)
+        epoch_loss = _train(net, params, learning_rate, epochs, x, y, order, w=w)
         changed: float | None = None
         if weights is not None and params.update_fraction < 1.0:
             # Delivery-aware fine-tune: keep only the largest changes, put every other
@@ -359,7 +369,7 @@ class CnnFamily(ModelFamily):
             masks = _largest_changes(net, weights, params.update_fraction)
             pin = _Pin(net, weights, masks)
             pin()
-            epoch_loss = _train(net, params, learning_rate, epochs, x, y, order, pin)
+            epoch_loss = _train(net, params, learning_rate, epochs, x, y, order, pin, w)
             changed = pin.fraction_changed()
         net.eval().cpu()
         details: dict[str, Any] = {
