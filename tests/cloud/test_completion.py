@@ -370,6 +370,7 @@ def test_gate_decisions_and_failures_are_metrics_and_logs_carry_model_version_jo
     decision = next(line for line in _logs(log_stream) if "APPROVED" in line["message"])
     assert (decision["level"], decision["model"], decision["version"], decision["job"]) == (
         "INFO", VIB, approved, name)
+    state_store.release_training_lock(VIB, approved)  # what packaging does once released
 
     _, name = start_version(registry, state_store, VIB)
     artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.12))
