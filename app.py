@@ -8,7 +8,7 @@ from chalice import Chalice, IAMAuthorizer, Rate
 from chalice.app import CloudWatchEvent, Request, SQSEvent
 from mledge_update.events import MODEL_APPROVED, PIPELINE_SOURCE
 
-from chalicelib import canary, compaction, completion, ingest, operator_api, packaging, schedule, trigger
+from chalicelib import canary, compaction, completion, ingest, operator_api, packaging, rollouts, schedule, trigger
 from chalicelib.operator import Operator
 from chalicelib.runtime import get_runtime
 
@@ -162,6 +162,14 @@ def release_approved_model(event: CloudWatchEvent) -> dict:
     rt = get_runtime()
     return packaging.handle_model_approved(event.detail, clients=rt.clients, settings=rt.settings,
                                            config=rt.config, registry=rt.registry).to_dict()
+
+
+# --- observability: rollout progress of each current release (chalicelib/rollouts.py) --
+
+@app.schedule(Rate(rollouts.REPORT_MINUTES, unit=Rate.MINUTES))
+def report_rollouts(event: CloudWatchEvent) -> None:
+    rt = get_runtime()
+    rollouts.report_rollouts(clients=rt.clients, settings=rt.settings, config=rt.config)
 
 
 # --- health-gated rollout (chalicelib/canary.py): promote a healthy canary, roll back a bad one ---

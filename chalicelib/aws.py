@@ -68,6 +68,12 @@ class AwsClients:
         return self.client("batch")
 
     @property
+    def kms(self) -> Any:
+        return self.client("kms")
+
+    @property
+    def cloudwatch(self) -> Any:
+        return self.client("cloudwatch")
     def athena(self) -> Any:
         return self.client("athena")
 

@@ -34,7 +34,6 @@ import gzip
 import hashlib
 import io
 import json
-import logging
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +44,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
+from aws_lambda_powertools import Logger
 
 from chalicelib import layout
 from chalicelib.aws import error_code
@@ -53,7 +53,7 @@ from chalicelib.settings import Settings
 from chalicelib.snapshot import RECORD_COUNT_METADATA, is_raw_data_key
 from chalicelib.state import StateStore
 
-log = logging.getLogger(__name__)
+logger = Logger(child=True)
 
 COMPACTION_TICK_MINUTES = 60
 """How often the schedule handler compacts (app.py uses this constant)."""
@@ -447,7 +447,7 @@ class Compactor:
 
     def _unreadable(self, ledger: Ledger, result: PartitionResult, key: str, rel: str,
                     exc: Exception) -> None:
-        log.error("compaction: s3://%s/%s stays uncompacted: %s", self.bucket, key, exc)
+        logger.error("compaction: s3://%s/%s stays uncompacted: %s", self.bucket, key, exc)
         ledger.unreadable[rel] = str(exc)[:500]
         result.unreadable[rel] = str(exc)[:500]
 
@@ -583,5 +583,5 @@ def run_scheduled_compaction(*, clients: Any, settings: Settings, config: Pipeli
     for model in sorted(config.models):
         compact_model(model, s3=clients.s3, state=state, bucket=settings.bucket, now=now,
                       deadline=deadline, report=report)
-    log.info("compaction: %s", json.dumps(report.to_dict(), default=str)[:20000])
+    logger.info("compaction: %s", json.dumps(report.to_dict(), default=str)[:20000])
     return report

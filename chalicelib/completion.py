@@ -24,10 +24,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 from mledge_update.events import (
     BATCH_DETAIL_TYPE,
@@ -47,6 +47,7 @@ from chalicelib.model_events import (
     model_approved_detail,
     training_artifact_uri,
 )
+from chalicelib.observability import PipelineMetrics, correlated
 from chalicelib.registry import (
     Registry,
     Status,
@@ -59,7 +60,7 @@ from chalicelib.settings import Settings
 from chalicelib.state import StateStore
 from chalicelib.untrusted import safe_repr
 
-log = logging.getLogger(__name__)
+logger = Logger(child=True)
 
 SAGEMAKER_PATTERN = {"source": [SAGEMAKER_SOURCE], "detail-type": [SAGEMAKER_DETAIL_TYPE]}
 BATCH_PATTERN = {"source": [BATCH_SOURCE], "detail-type": [BATCH_DETAIL_TYPE]}
@@ -243,6 +244,7 @@ class CompletionHandler:
         self.events = events
         self.settings = settings
         self.config = config
+        self.metrics = PipelineMetrics(settings.stage)
 
     @classmethod
     def create(cls, *, clients: AwsClients, settings: Settings, config: PipelineConfig,
@@ -266,10 +268,15 @@ class CompletionHandler:
 
     def handle(self, change: JobStateChange) -> CompletionResult:
         if change.model is None or change.version is None:
-            log.info("ignoring %s job %r: not an mledge training job", change.backend,
+            logger.info("ignoring %s job %r: not an mledge training job", change.backend,
                      change.job_name)
             return CompletionResult("ignored", message=f"not an mledge job: {change.job_name}")
+        with correlated(model=change.model, version=change.version, job=change.job_name):
+            return self._handle(change)
+
+    def _handle(self, change: JobStateChange) -> CompletionResult:
         model, version = change.model, change.version
+        assert model is not None and version is not None
         if change.state == "running":
             return CompletionResult("ignored", model, version,
                                     f"intermediate state {change.raw_status}")
@@ -279,7 +286,7 @@ class CompletionHandler:
             # Not ours to record (or the trigger died before writing it); free the lock
             # if this version holds it so the model can train again.
             released = self.state.release_training_lock(model, version)
-            log.warning("completion of %s for %s v%s: version not in the registry",
+            logger.warning("completion of %s for %s v%s: version not in the registry",
                         change.job_name, model, version)
             return CompletionResult("unknown", model, version,
                                     f"{model} v{version} is not in the registry",
@@ -318,7 +325,8 @@ class CompletionHandler:
             current = self.registry.get(model, version)
             return self._duplicate(model, version, current.status)
         released = self.state.release_training_lock(model, version)
-        log.info("%s v%s FAILED: %s", model, version, reason)
+        logger.info("%s v%s FAILED: %s", model, version, reason)
+        self.metrics.training_failed(model, version, reason)
         return CompletionResult("failed", model, version, reason, [reason],
                                 lock_released=released)
 
@@ -367,7 +375,9 @@ class CompletionHandler:
         released = False if decision.approved else self.state.release_training_lock(model,
                                                                                      version)
         announced = self._announce(record) if decision.approved else False
-        log.info("%s v%s %s: %s", model, version, to, "; ".join(decision.reasons))
+        logger.info("%s v%s %s: %s", model, version, to, "; ".join(decision.reasons))
+        self.metrics.gate_decision(model, version, decision.approved, decision.metric,
+                                   decision.challenger)
         return CompletionResult(to.lower(), model, version, decision.summary(),
                                 decision.reasons, lock_released=released, announced=announced)
 

@@ -32,7 +32,6 @@ the same rows (sample keys are stored, not computed by an engine).
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,13 +41,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow.parquet as pq
+from aws_lambda_powertools import Logger
 
 from chalicelib import layout
 from chalicelib.compaction import Compactor
 from chalicelib.config import DatasetConfig, ModelConfig
 from chalicelib.snapshot import DatasetSnapshot, RawObject, label_entries
 
-log = logging.getLogger(__name__)
+logger = Logger(child=True)
 
 TABLE = "telemetry"
 """The Glue table over `compacted/` (infra/pipeline.yaml); partition keys `model`, `dt`."""
@@ -452,7 +452,7 @@ def build_dataset(model: ModelConfig, version: int, *, s3: Any, bucket: str, dat
                   Body=json.dumps(train_manifest).encode(), ContentType="application/json")
     s3.put_object(Bucket=bucket, Key=snapshot.dataset_key,
                   Body=json.dumps(document, indent=1).encode(), ContentType="application/json")
-    log.info("dataset %s v%d: %s records from %d partitions by %s in %s", model.name, version,
+    logger.info("dataset %s v%d: %s records from %d partitions by %s in %s", model.name, version,
              snapshot.records, len(partitions), name, seconds)
     return BuiltDataset(snapshot=snapshot, engine=name, partitions=partitions, cutoff=cutoff,
                         allocation=allocation, sql=sql, counts_sql=counting, seconds=seconds)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +28,12 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aws_lambda_powertools import Logger
-from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit, SchemaValidationError
 from botocore.exceptions import ClientError
 
 from chalicelib import layout
 from chalicelib.aws import AwsClients
 from chalicelib.config import PipelineConfig
+from chalicelib.observability import PipelineMetrics
 from chalicelib.records import (
     MAX_ARRIVAL_MS,
     MAX_RECEIVED_AT_SKEW_MS,
@@ -55,17 +56,12 @@ _KEY_FOR_KIND = {
     SUMMARY_KIND: layout.summaries_key,
     QUARANTINE_KIND: layout.quarantine_key,
 }
-_METRIC_FOR_KIND = {
-    RAW_KIND: "RecordsAccepted",
-    QUARANTINE_KIND: "RecordsQuarantined",
-    SUMMARY_KIND: "SummariesStored",
-}
 MAX_LOGGED_REASONS = 20
 MAX_FALLBACK_MS = MAX_ARRIVAL_MS - MAX_RECEIVED_AT_SKEW_MS
 """The latest SentTimestamp taken as a record's arrival: any `received_at` it allows still
 names a partition date."""
 
-logger = Logger()
+logger = Logger(child=True)
 
 
 class IngestError(Exception):
@@ -100,6 +96,9 @@ class IngestResult:
     objects: list[StoredObject] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     """The first MAX_LOGGED_REASONS rejection reasons, for the log line."""
+    device_readings: dict[str, int] = field(default_factory=dict)
+    device_anomalies: dict[str, int] = field(default_factory=dict)
+    """Per model: readings and anomalies that this batch's device summaries report."""
 
     @property
     def stored(self) -> int:
@@ -116,29 +115,42 @@ class IngestMetrics(Protocol):
 
 
 class EmfIngestMetrics:
-    """CloudWatch metrics in Embedded Metric Format (powertools), one blob per model.
+    """The batch's counts as Powertools EMF metrics (chalicelib/observability.py), per model:
+    records accepted / quarantined, summaries stored, and the anomaly rate the device
+    summaries report."""
 
-    Namespace and service come from POWERTOOLS_METRICS_NAMESPACE / POWERTOOLS_SERVICE_NAME.
-    """
+    def __init__(self, stage: str) -> None:
+        self.metrics = PipelineMetrics(stage)
 
     def publish(self, result: IngestResult) -> None:
         # Count only objects this invocation wrote, so a replayed batch adds nothing.
         counts: dict[str, dict[str, int]] = {}
         for stored in result.objects:
             if stored.written:
-                per_kind = counts.setdefault(stored.model,
-                                             dict.fromkeys(_METRIC_FOR_KIND.values(), 0))
-                per_kind[_METRIC_FOR_KIND[stored.kind]] += stored.record_count
+                per_kind = counts.setdefault(stored.model, dict.fromkeys(_KEY_FOR_KIND, 0))
+                per_kind[stored.kind] += stored.record_count
         for model, per_kind in sorted(counts.items()):
-            metrics = EphemeralMetrics()
-            metrics.add_dimension(name="model", value=model)
-            for name, value in per_kind.items():
-                metrics.add_metric(name=name, unit=MetricUnit.Count, value=value)
-            try:
-                metrics.flush_metrics()
-            except SchemaValidationError as exc:
-                # Metrics are observability: never fail (and so replay) a stored batch for them.
-                logger.warning("ingest metrics not published", extra={"error": str(exc)})
+            summaries_written = per_kind[SUMMARY_KIND] > 0
+            self.metrics.ingest(
+                model, accepted=per_kind[RAW_KIND], quarantined=per_kind[QUARANTINE_KIND],
+                summaries=per_kind[SUMMARY_KIND],
+                readings=result.device_readings.get(model, 0) if summaries_written else 0,
+                anomalies=result.device_anomalies.get(model, 0) if summaries_written else 0)
+
+
+def summary_counts(line: str) -> tuple[int, int] | None:
+    """(readings, anomalies) of an agent summary, or None when it does not carry both
+    as sane counts (summaries are kept as devices send them; only sane ones count)."""
+    try:
+        summary = json.loads(line)
+    except ValueError:
+        return None
+    readings, anomalies = summary.get("readings"), summary.get("anomalies")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (readings, anomalies)):
+        return None
+    if not 0 <= anomalies <= readings or readings > 10**9:
+        return None
+    return readings, anomalies
 
 
 def messages_from_event(event: Any) -> list[SqsMessage]:
@@ -203,7 +215,8 @@ def ingest_sqs_event(event: Mapping[str, Any], *, clients: AwsClients, settings:
                      now_ms: int | None = None) -> IngestResult:
     """The telemetry handler: store one Lambda SQS event (see module docstring)."""
     return ingest_messages(messages_from_event(event), s3=clients.s3, bucket=settings.bucket,
-                           config=config, metrics=metrics, now_ms=now_ms)
+                           config=config, metrics=metrics or EmfIngestMetrics(settings.stage),
+                           now_ms=now_ms)
 
 
 def ingest_messages(messages: Sequence[SqsMessage], *, s3: Any, bucket: str,
@@ -226,6 +239,12 @@ def ingest_messages(messages: Sequence[SqsMessage], *, s3: Any, bucket: str,
             kind, counts = RAW_KIND, result.accepted
         elif type(outcome) is Summary:
             kind, counts = SUMMARY_KIND, result.summaries
+            reported = summary_counts(outcome.line)
+            if reported is not None:
+                readings = result.device_readings
+                readings[outcome.model] = readings.get(outcome.model, 0) + reported[0]
+                anomalies = result.device_anomalies
+                anomalies[outcome.model] = anomalies.get(outcome.model, 0) + reported[1]
         else:
             assert isinstance(outcome, Rejection)
             kind, counts = QUARANTINE_KIND, result.quarantined
@@ -254,7 +273,8 @@ def ingest_messages(messages: Sequence[SqsMessage], *, s3: Any, bucket: str,
                     for o in result.objects],
         "quarantine_reasons": result.reasons,
     })
-    (metrics or EmfIngestMetrics()).publish(result)
+    if metrics is not None:
+        metrics.publish(result)
     return result
 
 

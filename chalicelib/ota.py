@@ -74,15 +74,32 @@ def job_request(*, job_id: str, document: dict[str, Any], model_config: ModelCon
     }
 
 
-def thing_group_arn(iot: Any, group: str) -> str:
+def ensure_thing_group(iot: Any, group: str, *, model: str, stage: str) -> str:
+    """The ARN of the model's thing group, created on first use.
+
+    Thing groups are per model and live in code, not in infra/: a model added to
+    pipeline.toml gets its group from its first release (or from `mledge
+    provision-device`), so adding a model never edits a template.
+    """
     try:
-        return iot.describe_thing_group(thingGroupName=group)["thingGroupArn"]
+        return str(iot.describe_thing_group(thingGroupName=group)["thingGroupArn"])
     except ClientError as exc:
-        code = error_code(exc)
-        if code == "ResourceNotFoundException":
-            raise OtaError(f"thing group {group!r} does not exist (create it with infra/ "
-                           "or the local stack)") from None
-        raise
+        if error_code(exc) != "ResourceNotFoundException":
+            raise
+    try:
+        created = iot.create_thing_group(
+            thingGroupName=group,
+            thingGroupProperties={
+                "thingGroupDescription": f"Devices running model {model}",
+                "attributePayload": {"attributes": {"model": model, "stage": stage}},
+            },
+            tags=[{"Key": "mledge:stage", "Value": stage}, {"Key": "mledge:model", "Value": model}],
+        )
+    except ClientError as exc:
+        if error_code(exc) != "ResourceAlreadyExistsException":  # made meanwhile: fine
+            raise OtaError(f"CreateThingGroup {group} failed: {error_code(exc) or exc}") from None
+        return str(iot.describe_thing_group(thingGroupName=group)["thingGroupArn"])
+    return str(created["thingGroupArn"])
 
 
 def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
@@ -106,7 +123,8 @@ def ensure_update_job(iot: Any, *, job_id: str, document: dict[str, Any],
                        "presign the download URLs")
     request = job_request(
         job_id=job_id, document=document, model_config=model_config,
-        target_arn=thing_group_arn(iot, thing_group or model_config.thing_group),
+        target_arn=ensure_thing_group(iot, thing_group or model_config.thing_group,
+                                      model=model_config.name, stage=stage),
         presign_role_arn=presign_role_arn, stage=stage, version=version,
     )
     try:

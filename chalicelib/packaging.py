@@ -32,21 +32,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 from mledge_update.codecs import encode_full
 from mledge_update.document import (
+    JOB_DOCUMENT_MAX_CHARS,
     Delta,
     FullModel,
     HealthProbe,
     UpdateJob,
     build_manifest,
-    fit_job_document,
-    job_from_manifest,
+    fit_job,
     presigned_url_placeholder,
+    serialize_job_document,
     smoke_from_golden,
 )
 from mledge_update.errors import JobDocumentTooLargeError, UpdateFormatError
@@ -58,6 +60,7 @@ from chalicelib.artifacts import MAX_MEMBER_BYTES, ArtifactError, open_object, p
 from chalicelib.aws import AwsClients, error_code
 from chalicelib.config import ModelConfig, PackagingConfig, PipelineConfig, UnknownModelError
 from chalicelib.delta_budget import BASELINE_CODEC, build_deltas
+from chalicelib.observability import PipelineMetrics, correlate, correlated
 from chalicelib.records import INT64_MAX
 from chalicelib.registry import (
     AlreadyReleasedError,
@@ -69,6 +72,7 @@ from chalicelib.registry import (
     now_iso,
 )
 from chalicelib.settings import Settings
+from chalicelib.signing import KmsReleaseSigner, SigningError
 from chalicelib.state import StateStore
 from chalicelib.untrusted import shown
 
@@ -182,6 +186,13 @@ def handle_model_approved(
         logger.error("invalid ModelApproved dropped", extra={
             "error": str(exc), "detail": shown(detail, 2000)})
         return ReleaseResult("", 0, "invalid", f"invalid ModelApproved detail: {exc}")
+    with correlated(model=event.model, version=event.version):
+        return _handle(event, clients=clients, settings=settings, config=config,
+                       registry=registry)
+
+
+def _handle(event: ModelApproved, *, clients: AwsClients, settings: Settings,
+            config: PipelineConfig, registry: Registry | None) -> ReleaseResult:
     registry = registry or Registry.for_settings(settings, clients)
     try:
         model_config = config.model(event.model)
@@ -289,34 +300,44 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
     deltas = _build_deltas(s3, bucket, model, version, files.onnx, model_sha, full.size, bases,
                            model_config.packaging, skipped)
 
+    rollback_from = registry.released_version(model) if event.rollback else None
     # A canary release goes to the canary group first, asking each device for a health
-    # report; chalicelib/canary.py releases it to the fleet (or rolls it back).
+    # report; chalicelib/canary.py releases the same signed document to the fleet (or
+    # rolls it back through a signed rollback release).
     canary = model_config.canary.enabled and not event.rollback
     job = UpdateJob(
         model=model, version=version, model_sha256=model_sha, model_size=len(files.onnx),
         full=full, smoke=smoke, schema=model_config.schema.to_document(),
         deltas=tuple(deltas), uplink=model_config.uplink.to_document(),
-        rollback=event.rollback,
+        rollback=event.rollback, rollback_from=rollback_from,
         health=HealthProbe(model_config.canary.health_readings) if canary else None,
     )
-    manifest = build_manifest(job, created_at=now_iso(), metrics=record.metrics or {})
-    job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt,
-                        canary=canary)
-    manifest_key = (layout.release_manifest_key(model, version) if not event.rollback
-                    else layout.rollback_manifest_key(model, version, job_id))
-    _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
+    # Fit first, sign second: the signature covers the deltas the document keeps. The
+    # fit measures the document with its (longer) presign placeholders.
+    def url_for(key: str) -> str:
+        return presigned_url_placeholder(settings.region, bucket, key)
 
-    with_urls = job_from_manifest(
-        manifest, lambda key: presigned_url_placeholder(settings.region, bucket, key))
     try:
-        document = fit_job_document(with_urls)
-    except JobDocumentTooLargeError as exc:
+        fitted = fit_job(_with_urls(job, url_for))
+        signed = KmsReleaseSigner(clients.kms, settings.signing_key_id).sign(fitted)
+    except (JobDocumentTooLargeError, SigningError) as exc:
         raise PackagingError(str(exc)) from None
-    kept = {(d["from_version"], d["codec"]) for d in document.get("deltas", [])}
+    document = signed.to_document()
+    if len(serialize_job_document(document)) > JOB_DOCUMENT_MAX_CHARS:
+        raise PackagingError(f"signed job document for {model} v{version} exceeds "
+                             f"{JOB_DOCUMENT_MAX_CHARS} characters")
+    kept = {(d.from_version, d.codec) for d in signed.deltas}
     dropped = [d for d in deltas if (d.from_version, d.codec) not in kept]
     if dropped:
         logger.warning("job document too large: oldest deltas dropped",
                        extra={"dropped": [(d.from_version, d.codec) for d in dropped]})
+    manifest = build_manifest(signed, created_at=now_iso(), metrics=record.metrics or {})
+    job_id = iot_job_id(model, version, rollback=event.rollback, attempt=event.attempt,
+                        canary=canary)
+    correlate(job=job_id)
+    manifest_key = (layout.release_manifest_key(model, version) if not event.rollback
+                    else layout.rollback_manifest_key(model, version, job_id))
+    _put(s3, bucket, manifest_key, json.dumps(manifest, indent=1).encode())
 
     try:
         ota.ensure_update_job(
@@ -338,6 +359,7 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
         "deltas": released_deltas,
         "rollback": event.rollback,
         "manual": event.manual,
+        "signing_key": signed.signature.key_id if signed.signature else "",
         "deltas_skipped": skipped,
         "packaging_seconds": round(time.monotonic() - started, 3),
         "phase": "canary" if canary else "fleet",
@@ -357,6 +379,8 @@ def _release(event: ModelApproved, record: VersionRecord, model_config: ModelCon
             ota.cancel_queued(clients.iot, old_job, f"replaced by v{version}")
 
     logger.info("released", extra=release_info)
+    PipelineMetrics(settings.stage).release(
+        model, version, full.size, [d.size for d in signed.deltas], event.rollback)
     return ReleaseResult(model, version, "released", job_id=job_id, manifest_key=manifest_key,
                          model_size=len(files.onnx), full_size=full.size,
                          deltas=released_deltas)
@@ -436,6 +460,12 @@ def _build_deltas(s3: Any, bucket: str, model: str, version: int, new: bytes, ne
             deltas.append(Delta(from_version=base.version, from_sha256=base_sha, codec=codec,
                                 size=len(blob), sha256=sha, key=key))
     return deltas
+
+
+def _with_urls(job: UpdateJob, url_for_key: Callable[[str], str]) -> UpdateJob:
+    """`job` with each artifact's url made from its key (IoT's presign placeholder)."""
+    return replace(job, full=replace(job.full, url=url_for_key(job.full.key or "")),
+                   deltas=tuple(replace(d, url=url_for_key(d.key or "")) for d in job.deltas))
 
 
 # ---------------------------------------------------------------- artifacts

@@ -6,6 +6,7 @@ directly. Nothing else in chalicelib reads the environment.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Settings:
     batch_job_queue: str = ""
     batch_job_definition: str = ""
     iot_presign_role_arn: str = ""
+    signing_key_id: str = ""  # KMS key (alias or ARN) that signs releases
     pipeline_config: Path = DEFAULT_PIPELINE_CONFIG
     region: str = "us-east-1"
     endpoint_url: str | None = None
@@ -71,6 +73,7 @@ class Settings:
             batch_job_queue=env.get("MLEDGE_BATCH_JOB_QUEUE", ""),
             batch_job_definition=env.get("MLEDGE_BATCH_JOB_DEFINITION", ""),
             iot_presign_role_arn=env.get("MLEDGE_IOT_PRESIGN_ROLE_ARN", ""),
+            signing_key_id=env.get("MLEDGE_SIGNING_KEY_ID", ""),
             pipeline_config=Path(env.get("MLEDGE_PIPELINE_CONFIG") or DEFAULT_PIPELINE_CONFIG),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,
@@ -80,3 +83,22 @@ class Settings:
             athena_workgroup=env.get("MLEDGE_ATHENA_WORKGROUP")
             or f"mledge-{env.get('MLEDGE_STAGE', 'dev')}-datasets",
         )
+
+
+def chalice_stage_environment(chalice_config: Path, stage: str) -> dict[str, str]:
+    """A stage's environment variables from `.chalice/config.json` (global, then stage),
+    as `chalice deploy --stage` gives them to every function."""
+    try:
+        config = json.loads(Path(chalice_config).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{chalice_config} not found (run from the project directory or "
+                            "pass --chalice-config)") from None
+    except ValueError as exc:
+        raise SettingsError(f"{chalice_config} is not valid JSON: {exc}") from None
+    stages = config.get("stages", {})
+    if stage not in stages:
+        raise SettingsError(f"{chalice_config}: no stage {stage!r} "
+                            f"(stages: {', '.join(sorted(stages)) or 'none'})")
+    env = dict(config.get("environment_variables", {}))
+    env.update(stages[stage].get("environment_variables", {}))
+    return {k: str(v) for k, v in env.items()}

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
+from aws_lambda_powertools import Logger
 from mledge_update.naming import make_job_name
 
 from chalicelib import layout
@@ -42,6 +42,7 @@ from chalicelib.backends import (
 from chalicelib.compaction import compact_model
 from chalicelib.config import ModelConfig, PipelineConfig, UnknownModelError
 from chalicelib.datasets import EmptyWindowError, build_dataset, default_engine_factory
+from chalicelib.observability import PipelineMetrics, correlated
 from chalicelib.registry import Registry, Status, TransitionError, UnknownVersionError
 from chalicelib.schedule import ScheduleError, schedule_due
 from chalicelib.settings import Settings
@@ -69,7 +70,7 @@ __all__ = [
     "start_training",
 ]
 
-log = logging.getLogger(__name__)
+logger = Logger(child=True)
 
 # What a training start may spend compacting before it builds a dataset (the raw-events
 # Lambda runs up to 600 s); a large backlog is left to the compaction schedule.
@@ -152,14 +153,14 @@ def iter_s3_records(event: Any) -> Iterator[dict[str, Any]]:
     records = event.get("Records") if isinstance(event, Mapping) else None
     for record in records if isinstance(records, list) else []:
         if not isinstance(record, Mapping):
-            log.warning("raw-events: skipping a record that is not an object")
+            logger.warning("raw-events: skipping a record that is not an object")
             continue
         if "body" in record:  # SQS
             body = _json_or_none(record["body"])
             if isinstance(body, dict) and body.get("Type") == "Notification" and "Message" in body:
                 body = _json_or_none(body["Message"])  # S3 -> SNS -> SQS
             if not isinstance(body, dict):
-                log.warning("raw-events: skipping SQS message %s: not a JSON S3 event",
+                logger.warning("raw-events: skipping SQS message %s: not a JSON S3 event",
                             shown(record.get("messageId")))
                 continue
             if body.get("Event") == "s3:TestEvent":
@@ -224,6 +225,7 @@ class Trigger:
         self.backend_factory = backend_factory or (
             lambda name: backend_for(name, clients, settings))
         self.clock = clock
+        self.metrics = PipelineMetrics(settings.stage)
 
     # -- S3 events
 
@@ -239,7 +241,7 @@ class Trigger:
                     f"{total} new records, {model.min_new_records} start a training")
                 continue
             self._try_start(model_name, "new-data", report)
-        log.info("raw-events: %s", json.dumps(report.to_dict(), default=str))
+        logger.info("raw-events: %s", json.dumps(report.to_dict(), default=str))
         return report
 
     def _count_record(self, record: Mapping[str, Any], report: TriggerReport,
@@ -313,7 +315,7 @@ class Trigger:
                 report.not_started[name] = "no new records since the last training"
             else:
                 self._try_start(name, "schedule", report)
-        log.info("schedule: %s", json.dumps(report.to_dict(), default=str))
+        logger.info("schedule: %s", json.dumps(report.to_dict(), default=str))
         return report
 
     # -- starting one training
@@ -403,8 +405,10 @@ class Trigger:
             objects=len(snapshot.objects), records=snapshot.records, new_records=new_records,
             champion_version=champion.version if champion else None,
         )
-        log.info("training started: %s (%d new records stay counted)",
-                 json.dumps(start.to_dict()), remaining)
+        with correlated(model=model.name, version=version, job=job_name):
+            logger.info("training started: %s (%d new records stay counted)",
+                        json.dumps(start.to_dict()), remaining)
+        self.metrics.training_started(model.name, version, model.training.backend)
         return start
 
     def _snapshot(self, model: ModelConfig, version: int, lineage: dict[str, Any]) -> Any:
@@ -439,22 +443,24 @@ class Trigger:
     def _record_start_failure(self, model: str, version: int, lineage: dict[str, Any],
                               created: bool, why: str) -> None:
         """FAILED with the reason, then the lock released; each step tried on its own."""
+        self.metrics.training_failed(model, version, why)
         try:
             if not created:
                 self.registry.create_training(model, version, lineage)
             self.registry.transition(model, version, Status.FAILED, expected=[Status.TRAINING],
                                      reason=f"training did not start: {why}", failure_reason=why)
         except Exception:
-            log.exception("could not record %s v%d as FAILED", model, version)
+            logger.exception("could not record %s v%d as FAILED", model, version)
         try:
             self.state.release_training_lock(model, version)
         except Exception:
-            log.exception("could not release the training lock of %s v%d", model, version)
+            logger.exception("could not release the training lock of %s v%d", model, version)
 
     def _fail_stale(self, model: str, version: int, job_name: str) -> None:
         """A lock past max runtime + margin was taken over: its version never reported back."""
         why = (f"no completion event for job {job_name} within its max runtime and margin; "
                "its training lock was taken over")
+        self.metrics.training_failed(model, version, why)
         # TransitionError: it did finish; UnknownVersionError: it never got a record.
         with contextlib.suppress(TransitionError, UnknownVersionError):
             self.registry.transition(model, version, Status.FAILED, expected=[Status.TRAINING],

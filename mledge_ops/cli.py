@@ -14,7 +14,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from chalicelib.observability import metrics_off
 from mledge_ops.common import OpsError
+from mledge_ops.stage import add_global_options, resolve
 
 COMMAND_MODULES: tuple[str, ...] = (
     "mledge_ops.stack_config",
@@ -27,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mledge", description="MLEdgeDeploy operator commands (docs/deploy.md)."
     )
+    add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -34,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    resolve(args)
     try:
-        return int(args.func(args))
+        with metrics_off():  # stdout is the operator's: no EMF lines in it
+            return int(args.func(args))
     except OpsError as exc:
         print(f"mledge {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -63,3 +63,8 @@ def device_policy_name(stage: str) -> str:
     return f"mledge-{stage}-device"
 
 
+
+
+def signing_key_alias(stage: str) -> str:
+    """The KMS alias of the key that signs the stage's releases (infra/pipeline.yaml)."""
+    return f"alias/mledge-{stage}-release-signing"

@@ -17,15 +17,16 @@ from typing import Any, TextIO
 from chalicelib.config import ConfigError, UnknownModelError
 from chalicelib.operator import Operator
 from chalicelib.registry import RegistryError, VersionRecord
-from chalicelib.runtime import get_runtime
 from chalicelib.settings import SettingsError
 from chalicelib.trigger import TriggerError
+from mledge_ops.common import aws_options
+from mledge_ops.stage import runtime_for, stage_options
 
 EXIT_ERROR = 1
 
 
-def _operator() -> Operator:
-    rt = get_runtime()
+def _operator(args: argparse.Namespace) -> Operator:
+    rt = runtime_for(args)
     return Operator(clients=rt.clients, settings=rt.settings, config=rt.config)
 
 
@@ -41,7 +42,8 @@ def register(sub: Any) -> None:
 
     def add(name: str, help_text: str, handler: Callable[[argparse.Namespace], int]) \
             -> argparse.ArgumentParser:
-        parser = sub.add_parser(name, help=help_text, description=help_text)
+        parser = sub.add_parser(name, help=help_text, description=help_text,
+                                parents=[stage_options(), aws_options()])
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
         parser.set_defaults(func=_guarded(handler))
         return parser
@@ -129,7 +131,7 @@ def _score(record: VersionRecord, section: str) -> float | None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    summaries = _operator().models()
+    summaries = _operator(args).models()
     if args.json:
         _print_json([s.to_dict() for s in summaries])
         return 0
@@ -145,7 +147,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    records = _operator().versions(args.model)
+    records = _operator(args).versions(args.model)
     if args.json:
         _print_json([r.to_dict() for r in records])
         return 0
@@ -170,7 +172,7 @@ def _gate_word(record: VersionRecord) -> str | None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    record = _operator().show(args.model, args.version)
+    record = _operator(args).show(args.model, args.version)
     if args.json:
         _print_json(record.to_dict())
         return 0
@@ -211,7 +213,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    state = _operator().fleet(args.model)
+    state = _operator(args).fleet(args.model)
     if args.json:
         _print_json(state.to_dict())
         return 0
@@ -226,7 +228,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    started = _operator().train(args.model, reason=args.reason, force=args.force)
+    started = _operator(args).train(args.model, reason=args.reason, force=args.force)
     if args.json:
         _print_json(started.to_dict())
         return 0
@@ -236,7 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    result = _operator().promote(args.model, args.version, reason=args.reason, actor=_actor())
+    result = _operator(args).promote(args.model, args.version, reason=args.reason, actor=_actor())
     if args.json:
         _print_json(result.to_dict())
         return 0
@@ -246,7 +248,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    request = _operator().rollback(args.model, to=args.to, reason=args.reason, actor=_actor())
+    request = _operator(args).rollback(args.model, to=args.to, reason=args.reason, actor=_actor())
     if args.json:
         _print_json(request.to_dict())
         return 0
@@ -256,7 +258,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    request = _operator().release(args.model, args.version, reason=args.reason, actor=_actor())
+    request = _operator(args).release(args.model, args.version, reason=args.reason, actor=_actor())
     if args.json:
         _print_json(request.to_dict())
         return 0
@@ -266,7 +268,7 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    result = _operator().label(args.model, args.record_ids, args.verdict, reason=args.reason,
+    result = _operator(args).label(args.model, args.record_ids, args.verdict, reason=args.reason,
                                actor=_actor())
     if args.json:
         _print_json(result.to_dict())

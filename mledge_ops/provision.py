@@ -2,10 +2,12 @@
 
 Creates (or reuses) the thing, creates a certificate and key pair, attaches the
 stage's device policy to the certificate and the certificate to the thing, adds
-the thing to its model's thing group (from chalicelib/pipeline.toml), and writes
-the bundle the agent reads: cert.pem, private.key, agent.json (endpoint from
-`describe_endpoint(endpointType='iot:Data-ATS')`, port 8883) and a note on the
-Amazon root CA. Running it again for the same thing and --out reuses the
+the thing to its model's thing group (from chalicelib/pipeline.toml; the group is
+created when the model has none yet), and writes the bundle the agent reads:
+cert.pem, private.key, release-keys.pem (the public key of the stage's release
+signing key: the agent refuses releases it did not sign), agent.json (endpoint
+from `describe_endpoint(endpointType='iot:Data-ATS')`, port 8883) and a note on
+the Amazon root CA. Running it again for the same thing and --out reuses the
 certificate already there if AWS IoT still has it active.
 """
 
@@ -22,25 +24,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mledge_update.naming import AGENT_CONFIG_FILE, SIMULATED_SENSOR
+
 from chalicelib.aws import error_code
 from chalicelib.config import ConfigError, UnknownModelError, load_pipeline_config
+from chalicelib.ota import OtaError, ensure_thing_group
 from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
+from chalicelib.signing import SigningError, release_public_key_pem
 from mledge_ops.common import (
-    STAGES,
     OpsError,
     aws_options,
     clients_from_args,
     device_policy_name,
+    signing_key_alias,
 )
+from mledge_ops.stage import stage_environment, stage_options
 
 THING_NAME = re.compile(r"^[a-zA-Z0-9:_-]{1,128}$")
 MQTT_TLS_PORT = 8883
 ROOT_CA_URL = "https://www.amazontrust.com/repository/AmazonRootCA1.pem"
 CERT_FILE, KEY_FILE, CA_FILE = "cert.pem", "private.key", "AmazonRootCA1.pem"
-AGENT_CONFIG_FILE, RECORD_FILE = "agent.json", "provision.json"
+RELEASE_KEYS_FILE = "release-keys.pem"
+RECORD_FILE = "provision.json"
 CA_NOTE_FILE = "AmazonRootCA1.README.txt"
-# The agent's simulated sensors (mledge_edge.config.AgentConfig.sensor) by model.
-SIMULATED_SENSOR = {"vibration-anomaly": "vibration", "digits": "digits"}
 
 
 class ProvisionError(Exception):
@@ -63,7 +69,7 @@ class ProvisionedDevice:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "provision-device",
-        parents=[aws_options()],
+        parents=[aws_options(), stage_options()],
         help="create a thing + certificate for a device and write its agent bundle",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -71,7 +77,6 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--thing", required=True, help="thing name (also the MQTT client id)")
     parser.add_argument("--model", required=True, help="model the device runs (pipeline.toml)")
     parser.add_argument("--out", required=True, type=Path, help="directory for the bundle")
-    parser.add_argument("--stage", default="dev", choices=STAGES, help="default: dev")
     parser.add_argument(
         "--policy", help="IoT policy to attach (default: mledge-<stage>-device from infra/)"
     )
@@ -86,6 +91,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--ca-file", type=Path, help="copy this root CA into the bundle")
     parser.add_argument(
+        "--signing-key",
+        help="KMS key (alias or ARN) that signs the stage's releases; its public key goes "
+        "into the bundle (default: the stage's MLEDGE_SIGNING_KEY_ID, else "
+        "alias/mledge-<stage>-release-signing)",
+    )
+    parser.add_argument(
         "--force", action="store_true",
         help="overwrite a bundle in --out that belongs to another thing",
     )
@@ -93,10 +104,12 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    iot = clients_from_args(args).iot
+    clients = clients_from_args(args)
     try:
         device = provision_device(
-            iot,
+            clients.iot,
+            kms=clients.kms,
+            signing_key=args.signing_key or _stage_signing_key(args),
             thing=args.thing,
             model=args.model,
             out_dir=args.out,
@@ -119,9 +132,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_signing_key(args: argparse.Namespace) -> str:
+    """The stage's MLEDGE_SIGNING_KEY_ID when its settings are readable, else the alias
+    infra/pipeline.yaml makes."""
+    try:
+        configured = stage_environment(args).get("MLEDGE_SIGNING_KEY_ID", "")
+    except OpsError:
+        configured = ""
+    return configured or signing_key_alias(args.stage)
+
+
 def provision_device(
     iot: Any,
     *,
+    kms: Any,
+    signing_key: str,
     thing: str,
     model: str,
     out_dir: Path,
@@ -140,8 +165,16 @@ def provision_device(
     group = _thing_group_of(model, pipeline_config)
     out_dir = out_dir.resolve()
     previous = _read_previous_record(out_dir, thing, force=force)
-    _require(iot.describe_thing_group, "thing group", group, thingGroupName=group)
     _require(iot.get_policy, "IoT policy", policy, policyName=policy)
+    try:
+        release_keys = release_public_key_pem(kms, signing_key)
+    except SigningError as exc:
+        raise ProvisionError(f"{exc}: deploy infra/pipeline.yaml for the stage first "
+                             "(it creates the release signing key), or pass --signing-key") from None
+    try:
+        ensure_thing_group(iot, group, model=model, stage=stage)
+    except OtaError as exc:
+        raise ProvisionError(str(exc)) from None
 
     thing_arn = _ensure_thing(iot, thing, model, stage)
     reused = _reusable_certificate(iot, previous, out_dir)
@@ -160,6 +193,8 @@ def provision_device(
     iot.add_thing_to_thing_group(thingGroupName=group, thingName=thing)
     endpoint = iot.describe_endpoint(endpointType="iot:Data-ATS")["endpointAddress"]
 
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write(out_dir / RELEASE_KEYS_FILE, release_keys.decode("ascii"), mode=0o644)
     if ca_file is not None:
         shutil.copyfile(ca_file, out_dir / CA_FILE)
     base = Path(device_dir) if device_dir else out_dir
@@ -173,6 +208,7 @@ def provision_device(
         "ca": str(base / CA_FILE),
         "state_dir": str(base / "state"),
         "sensor": SIMULATED_SENSOR.get(model, "none"),
+        "release_keys": str(base / RELEASE_KEYS_FILE),
     }
     _write(out_dir / AGENT_CONFIG_FILE, json.dumps(agent, indent=2) + "\n", mode=0o644)
     _write(out_dir / CA_NOTE_FILE, _ca_note(), mode=0o644)
@@ -186,6 +222,7 @@ def provision_device(
         "certificate_id": cert_id,
         "certificate_arn": cert_arn,
         "endpoint": endpoint,
+        "signing_key": signing_key,
         "provisioned_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _write(out_dir / RECORD_FILE, json.dumps(record, indent=2) + "\n", mode=0o644)

@@ -35,6 +35,7 @@ OUTPUT_FOR_VARIABLE: dict[str, str] = {
     "MLEDGE_TELEMETRY_QUEUE": "TelemetryQueueName",
     "MLEDGE_RAW_EVENTS_QUEUE": "RawEventsQueueName",
     "MLEDGE_IOT_PRESIGN_ROLE_ARN": "IotPresignRoleArn",
+    "MLEDGE_SIGNING_KEY_ID": "ReleaseSigningKeyAlias",
     "MLEDGE_TRAINING_ROLE_ARN": "TrainingRoleArn",
     "MLEDGE_TRAINING_IMAGE_URI": "TrainingImageUri",
     "MLEDGE_BATCH_JOB_QUEUE": "BatchJobQueueName",
@@ -64,7 +65,8 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--stage", required=True, choices=STAGES)
+    parser.add_argument("--stage", choices=STAGES,
+                        help="required here (before or after the command)")
     parser.add_argument(
         "--stack",
         action="append",
@@ -75,8 +77,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--chalice-config",
         type=Path,
-        default=Path(".chalice/config.json"),
-        help="the Chalice config to update (default: .chalice/config.json)",
+        default=None,
+        help="the Chalice config to update (default: the project's .chalice/config.json)",
     )
     parser.add_argument(
         "--partial",
@@ -88,6 +90,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.stage_given:
+        raise OpsError("name the stage to write: --stage dev or --stage prod")
+    if args.stage not in STAGES:
+        raise OpsError(f"--stage must be one of {', '.join(STAGES)}")
     stacks = args.stacks or [pipeline_stack_name(args.stage), training_stack_name(args.stage)]
     cfn = clients_from_args(args).client("cloudformation")
     try:

@@ -43,6 +43,7 @@ TEST_ENV = {
     "MLEDGE_BATCH_JOB_QUEUE": "mledge-test-gpu",
     "MLEDGE_BATCH_JOB_DEFINITION": "mledge-test-training",
     "MLEDGE_IOT_PRESIGN_ROLE_ARN": "arn:aws:iam::123456789012:role/mledge-test-presign",
+    "MLEDGE_SIGNING_KEY_ID": "alias/mledge-test-release-signing",
     "POWERTOOLS_METRICS_NAMESPACE": "MLEdgeDeployTest",
     "POWERTOOLS_SERVICE_NAME": "mledgedeploy",
     "POWERTOOLS_DEV": "false",

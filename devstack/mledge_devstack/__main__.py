@@ -1,9 +1,11 @@
-"""`python -m mledge_devstack up|down|status`: the local stack for developers.
+"""`python -m mledge_devstack up|down|status|env|provision`: the local stack for developers.
 
 `up` runs in the foreground until Ctrl-C (or `down` from another terminal),
 then stops every process it started. The environment for other tools is in
 `.devstack/env.json`; `status` shows it, `down` stops a stack another terminal
-left running.
+left running. `env` prints it as `export` lines (`eval "$(python -m mledge_devstack
+env)"`, then `mledge models` works), `provision THING --model MODEL` registers a
+device and writes its agent.json (`mledge-agent --config ...`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from mledge_devstack.certs import CertificateError
+from mledge_devstack.devices import provision_local_device, shell_exports
 from mledge_devstack.procs import port_open, process_group_alive
 from mledge_devstack.stack import DEFAULT_DIRECTORY, LocalStack, StackError, StackInfo
 
@@ -99,16 +103,48 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if all(running.values()) else 3
 
 
+def _env(args: argparse.Namespace) -> int:
+    try:
+        info = StackInfo.load(args.dir)
+    except StackError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    sys.stdout.write(shell_exports(info))
+    return 0
+
+
+def _provision(args: argparse.Namespace) -> int:
+    if not args.thing or not args.model:
+        print("provision needs a thing name and --model", file=sys.stderr)
+        return 2
+    try:
+        info = StackInfo.load(args.dir)
+        path = provision_local_device(info, args.thing, args.model, args.out)
+    except (StackError, CertificateError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"thing {args.thing} ({args.model}) registered in the local stack")
+    print(f"run: mledge-agent --config {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mledge_devstack", description=__doc__)
-    parser.add_argument("command", choices=("up", "down", "status"))
+    parser = argparse.ArgumentParser(prog="python -m mledge_devstack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("up", "down", "status", "env", "provision"))
+    parser.add_argument("thing", nargs="?", help="provision: the thing name")
+    parser.add_argument("--model", help="provision: the model the device runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="provision: where agent.json goes (default <dir>/devices/THING)")
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIRECTORY,
                         help="where certificates, logs and env.json go (default .devstack/)")
     parser.add_argument("--stage", default="dev", help="the .chalice/config.json stage to mirror")
     parser.add_argument("--pipeline-config", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return {"up": _up, "down": _down, "status": _status}[args.command](args)
+    commands = {"up": _up, "down": _down, "status": _status, "env": _env,
+                "provision": _provision}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ class WorkerSpec:
     faults: FaultPlan
     rate: float = 0.0  # telemetry readings per second per device
     log_level: str = "WARNING"
+    release_keys: str = ""  # the stage's release public key (PEM): every release is verified
 
     @classmethod
     def load(cls, path: Path) -> WorkerSpec:
@@ -157,6 +158,7 @@ class SimulatedDevice:
             state_dir=self.spec.state_dir, sensor="vibration", rate=self.worker.rate,
             stats_interval=3600.0, request_timeout=30.0, download_retries=3,
             download_timeout=30.0, log_level=self.worker.log_level,
+            release_keys=self.worker.release_keys or None,
         )
         agent = Agent(config, crash_hook=self._crash_hook)
         self._instrument(agent)
@@ -417,7 +419,8 @@ class FleetSimulator:
             spec = WorkerSpec(model=self.model, endpoint="localhost", port=self.stack.mqtt_port,
                               status_path=str(self.directory / f"status-{n}.json"),
                               devices=devices, faults=self.faults, rate=self.rate,
-                              log_level=self.log_level)
+                              log_level=self.log_level,
+                              release_keys=str(self.stack.release_keys_path or ""))
             spec_path = self.directory / f"worker-{n}.json"
             spec_path.write_text(json.dumps(asdict(spec)))
             Path(spec.status_path).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from chalicelib.aws import AwsClients
 from chalicelib.config import load_pipeline_config
 from chalicelib.layout import RAW
 from chalicelib.settings import Settings
+from chalicelib.signing import create_signing_key, release_public_key_pem
 from chalicelib.tables import create_tables
 from mledge_devstack.routes import add_queue_notifications
 
@@ -24,7 +25,8 @@ def queue_arn(sqs: Any, name: str) -> str:
 
 
 def provision_stage(clients: AwsClients, settings: Settings) -> dict[str, Any]:
-    """Bucket, tables, queues, the `raw/` notification and one thing group per model."""
+    """Bucket, tables, queues, the `raw/` notification, the release signing key (its
+    PEM public key under "release_keys_pem") and one thing group per model."""
     clients.s3.create_bucket(Bucket=settings.bucket)
     create_tables(clients.dynamodb, settings.registry_table, settings.state_table)
     queues = [q for q in (settings.telemetry_queue, settings.raw_events_queue) if q]
@@ -41,6 +43,10 @@ def provision_stage(clients: AwsClients, settings: Settings) -> dict[str, Any]:
         # trigger handler sees only object events (it must still tolerate one in AWS).
         url = clients.sqs.get_queue_url(QueueName=settings.raw_events_queue)["QueueUrl"]
         clients.sqs.purge_queue(QueueUrl=url)
+    release_keys_pem = b""
+    if settings.signing_key_id:
+        create_signing_key(clients.kms, settings.signing_key_id)
+        release_keys_pem = release_public_key_pem(clients.kms, settings.signing_key_id)
     groups = {}
     for model in load_pipeline_config(settings.pipeline_config).models.values():
         response = clients.iot.create_thing_group(thingGroupName=model.thing_group)
@@ -48,7 +54,7 @@ def provision_stage(clients: AwsClients, settings: Settings) -> dict[str, Any]:
                               "thing_group_arn": response["thingGroupArn"]}
         if model.canary.enabled:  # the canary devices: also members of the model's group
             clients.iot.create_thing_group(thingGroupName=model.canary.thing_group)
-    return {"queues": queues, "thing_groups": groups}
+    return {"queues": queues, "thing_groups": groups, "release_keys_pem": release_keys_pem}
 
 
 def provision_thing(clients: AwsClients, thing_name: str, thing_group: str | None) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 from chalicelib.aws import AwsClients
 from chalicelib.config import load_pipeline_config
-from chalicelib.settings import Settings
+from chalicelib.settings import Settings, SettingsError, chalice_stage_environment
 from mledge_devstack.broker import BRIDGE_CLIENT, MosquittoBroker
 from mledge_devstack.certs import ClientCredentials, LocalCA
 from mledge_devstack.mqtt import MqttClient
@@ -78,6 +78,7 @@ class ThingCredentials(ClientCredentials):
     port: int = 0
     thing_arn: str = ""
     model: str | None = None
+    release_keys_path: Path | None = None  # the stage's release public key (PEM)
 
 
 @dataclass
@@ -94,6 +95,7 @@ class StackInfo:
     certs_dir: str
     dead_letter_dir: str
     env: dict[str, str]
+    release_keys_path: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     routes: list[dict[str, str]] = field(default_factory=list)
     owner_pid: int = 0  # the process that started (and will stop) the stack
@@ -109,13 +111,10 @@ class StackInfo:
 
 def stage_environment(project_dir: Path, stage: str) -> dict[str, str]:
     """The stage's environment variables from `.chalice/config.json` (global, then stage)."""
-    path = project_dir / ".chalice" / "config.json"
-    config = json.loads(path.read_text())
-    if stage not in config.get("stages", {}):
-        raise StackError(f"{path}: no stage {stage!r} (stages: {', '.join(config['stages'])})")
-    env = dict(config.get("environment_variables", {}))
-    env.update(config["stages"][stage].get("environment_variables", {}))
-    return {k: str(v) for k, v in env.items()}
+    try:
+        return chalice_stage_environment(project_dir / ".chalice" / "config.json", stage)
+    except SettingsError as exc:
+        raise StackError(str(exc)) from None
 
 
 def child_environment(project_dir: Path, stack_env: dict[str, str]) -> dict[str, str]:
@@ -152,6 +151,7 @@ class LocalStack:
         self.certs_dir = self.directory / "certs"
         self.logs_dir = self.directory / "logs"
         self.dead_letter_dir = self.directory / "dead-letter"
+        self.release_keys_path = self.certs_dir / "release-keys.pem"
         self.env: dict[str, str] = {}
         self.info: StackInfo | None = None
         self.ca: LocalCA | None = None
@@ -218,6 +218,7 @@ class LocalStack:
                               what="serving moto and bridging MQTT")
 
         provisioned = provision_stage(self.clients, self._settings)
+        self.release_keys_path.write_bytes(provisioned["release_keys_pem"])
         routes: list[dict[str, str]] = []
         if self.run_dispatcher:
             routes = self._start_dispatcher(child_env, provisioned["queues"])
@@ -225,7 +226,8 @@ class LocalStack:
             directory=str(self.directory), project_dir=str(self.project_dir), stage=self.stage,
             endpoint_url=endpoint, mqtt_host="localhost", mqtt_port=mqtt_port,
             ca_path=str(self.ca.ca_path), certs_dir=str(self.certs_dir),
-            dead_letter_dir=str(self.dead_letter_dir), env=self.env, pids=self.pids(),
+            dead_letter_dir=str(self.dead_letter_dir), env=self.env,
+            release_keys_path=str(self.release_keys_path), pids=self.pids(),
             routes=routes, owner_pid=os.getpid(),
         )
         (self.directory / "env.json").write_text(json.dumps(asdict(self.info), indent=2))
@@ -298,7 +300,8 @@ class LocalStack:
         arn = provision_thing(self.clients, thing_name, group)
         creds = self.credentials(thing_name)
         return ThingCredentials(creds.name, creds.cert_path, creds.key_path, creds.ca_path,
-                                host="localhost", port=self.mqtt_port, thing_arn=arn, model=model)
+                                host="localhost", port=self.mqtt_port, thing_arn=arn, model=model,
+                                release_keys_path=self.release_keys_path)
 
     def mqtt_client(self, name: str) -> MqttClient:
         """An unconnected MQTT client with `name`'s certificate (client id = name)."""

@@ -13,14 +13,16 @@ import math
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-from mledge_update import JobDocumentError
+from mledge_update import JobDocumentError, SignatureError
 from mledge_update.document import OPERATION, HealthProbe, parse_job_document
+from mledge_update.signing import ReleaseVerifier
 from mledge_update.topics import telemetry_topic
 from mledge_update.uplink import INCLUSION_FIELD, REASON_FIELD, SUMMARY
 
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 from .download import Downloader
 from .jobs import IN_PROGRESS, JobCanceledError, JobExecution, JobsClient, JobsRequestTimeoutError
 from .model import LoadedModel, ModelHandle, ModelLoadError, Prediction
@@ -47,6 +49,19 @@ def crash_hook_from_env() -> CrashHook:
             os._exit(CRASH_EXIT_CODE)
 
     return hook
+
+
+def release_verifier(config: AgentConfig) -> ReleaseVerifier | None:
+    """The trusted release keys; None only when unsigned releases are explicitly allowed."""
+    if not config.release_keys:
+        log.warning("unsigned releases are accepted (allow_unsigned_releases): development only")
+        return None
+    try:
+        return ReleaseVerifier.from_pem(Path(config.release_keys).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read release_keys {config.release_keys}: {exc}") from exc
+    except SignatureError as exc:
+        raise ConfigError(f"release_keys {config.release_keys}: {exc}") from exc
 
 
 def _health_probe(document: dict[str, Any]) -> HealthProbe | None:
@@ -79,7 +94,8 @@ class Agent:
         )
         self.updater = Updater(
             self.store, self.handle, self.downloader,
-            model_name=config.model, expected_features=features,
+            model_name=config.model, verifier=release_verifier(config),
+            expected_features=features,
             session_threads=config.session_threads, on_installed=self._installed,
         )
         self.link = MqttLink(

@@ -41,6 +41,10 @@ class AgentConfig:
     download_retries: int = 4
     download_timeout: float = 30.0
     log_level: str = "INFO"
+    # PEM file with the trusted release public key(s) (`mledge provision-device` writes
+    # release-keys.pem beside the certificate); every release must verify with one.
+    release_keys: str | None = None
+    allow_unsigned_releases: bool = False  # development only: skip signature checks
 
     def validate(self) -> AgentConfig:
         """Check every field's type and range; ConfigError names the first bad one."""
@@ -65,6 +69,10 @@ class AgentConfig:
             raise ConfigError("fault_rate must be within [0, 1]")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is out of range")
+        if not self.release_keys and not self.allow_unsigned_releases:
+            raise ConfigError("release_keys is required (--release-keys: the PEM public key "
+                              "releases are signed with); allow_unsigned_releases is for "
+                              "development only")
         for name in ("stats_interval", "request_timeout", "download_timeout"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
@@ -156,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cert", help="device certificate (PEM)")
     parser.add_argument("--key", help="device private key (PEM)")
     parser.add_argument("--ca", help="CA bundle to trust (e.g. AmazonRootCA1.pem)")
+    parser.add_argument("--release-keys",
+                        help="PEM file of the public key(s) releases must be signed with")
+    parser.add_argument("--allow-unsigned-releases", action="store_true", default=None,
+                        help="accept unsigned releases (development only)")
     parser.add_argument("--insecure-no-tls", action="store_true", default=None,
                         help="plain TCP (local test brokers only)")
     parser.add_argument("--state-dir", help="where models, state.json and stats.json live")

@@ -2,7 +2,8 @@
 
 Layout under the state directory:
 
-    state.json            {"format", "current", "previous", "pending_report"} (atomic)
+    state.json            {"format", "current", "previous", "pending_report",
+                           "highest_version"} (atomic)
     models/v<version>-<sha12>.onnx   the current and the previous model (verified)
     downloads/<sha256>.part / .json  partial downloads and their persisted offsets
     incoming/                        patched models waiting to be verified
@@ -114,6 +115,9 @@ class StoreState:
     current: InstalledModel | None = None
     previous: InstalledModel | None = None
     pending_report: PendingReport | None = None
+    # The highest version this device ever accepted: anti-rollback survives a rollback
+    # (current drops below it) and a lost previous model.
+    highest_version: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -121,6 +125,7 @@ class StoreState:
             "current": asdict(self.current) if self.current else None,
             "previous": asdict(self.previous) if self.previous else None,
             "pending_report": asdict(self.pending_report) if self.pending_report else None,
+            "highest_version": self.highest_version,
         }
 
 
@@ -147,10 +152,14 @@ class ModelStore:
         try:
             raw = json.loads(self.state_path.read_text())
             pending = raw.get("pending_report")
+            current = InstalledModel.from_json(raw["current"]) if raw.get("current") else None
             return StoreState(
-                current=InstalledModel.from_json(raw["current"]) if raw.get("current") else None,
+                current=current,
                 previous=InstalledModel.from_json(raw["previous"]) if raw.get("previous") else None,
                 pending_report=PendingReport(**pending) if pending else None,
+                # A state file from before the field: what it runs is the floor.
+                highest_version=int(raw.get("highest_version")
+                                    or (current.version if current else 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             # os.replace makes a torn state file impossible; this is outside damage.
@@ -221,6 +230,7 @@ class ModelStore:
             self.state.previous = old
         self.state.current = record
         self.state.pending_report = pending
+        self.state.highest_version = max(self.state.highest_version, record.version)
         self._write_state()
         self.crash_hook("after_state_write")
         self._remove_unreferenced()

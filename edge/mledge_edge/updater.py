@@ -1,6 +1,7 @@
 """One model update, from job document to swapped-in model.
 
-Order (docs/device.md, "update state machine"): parse -> check model/version ->
+Order (docs/device.md, "update state machine"): parse -> verify the release
+signature (before anything is downloaded) -> check model/version (anti-rollback) ->
 for each candidate artifact (matching deltas, smallest first, then the full
 model): download (resumable, verified) -> patch/decode -> check model_sha256 ->
 write to incoming/ -> load beside the running model -> check schema -> smoke
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mledge_update import JobDocumentError, PatchError, UnknownCodecError
+from mledge_update import JobDocumentError, PatchError, SignatureError, UnknownCodecError
 from mledge_update.codecs import (
     SUPPORTED_CODECS,
     apply_delta,
@@ -32,6 +33,7 @@ from mledge_update.codecs import (
 from mledge_update.document import Delta, FullModel, UpdateJob, parse_job_document
 from mledge_update.hashing import sha256_hex
 from mledge_update.iot_jobs import status_details
+from mledge_update.signing import ReleaseVerifier
 
 from .download import Downloader, DownloadError, DownloadStats, IntegrityError
 from .model import LoadedModel, ModelHandle, ModelLoadError, SmokeTestError, run_smoke
@@ -94,6 +96,7 @@ class Updater:
         downloader: Downloader,
         *,
         model_name: str,
+        verifier: ReleaseVerifier | None,
         expected_features: Sequence[str] | None = None,
         supported_codecs: Sequence[str] = SUPPORTED_CODECS,
         session_threads: int = 1,
@@ -104,6 +107,8 @@ class Updater:
         self.handle = handle
         self.downloader = downloader
         self.model_name = model_name
+        # None only when the operator explicitly allowed unsigned releases.
+        self.verifier = verifier
         self.expected_features = tuple(expected_features) if expected_features else None
         self.supported_codecs = tuple(supported_codecs)
         self.session_threads = session_threads
@@ -121,6 +126,11 @@ class Updater:
             job = parse_job_document(document)
         except JobDocumentError as exc:
             raise UpdateRejectedError("parse", f"invalid job document: {exc}") from exc
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(job)
+            except SignatureError as exc:
+                raise UpdateRejectedError("signature", str(exc)) from exc
         self._check_target(job)
         installed = self.store.state.current
         if installed is not None and installed.sha256 == job.model_sha256:
@@ -179,12 +189,22 @@ class Updater:
                 f"this device's sensor produces {len(self.expected_features)}",
             )
         installed = self.store.state.current
+        highest = max(self.store.state.highest_version, installed.version if installed else 0)
+        if job.version < highest:
+            # Anti-rollback: an older release is taken only when the signed document
+            # says it is a rollback away from a release at least as new as the one
+            # running here (a replayed rollback from an older release is refused).
+            if not job.rollback:
+                raise UpdateRejectedError(
+                    "check", f"downgrade to v{job.version} refused: v{highest} was accepted "
+                    "before and this release is not a rollback")
+            running = installed.version if installed else 0
+            if job.rollback_from is not None and job.rollback_from < running:
+                raise UpdateRejectedError(
+                    "check", f"rollback from v{job.rollback_from} to v{job.version} refused: "
+                    f"this device runs v{running} (a replayed older rollback)")
         if installed is None:
             return
-        if job.version < installed.version and not job.rollback:
-            raise UpdateRejectedError(
-                "check", f"downgrade from v{installed.version} to v{job.version} refused (not a rollback)"
-            )
         if job.version == installed.version and job.model_sha256 != installed.sha256:
             raise UpdateRejectedError(
                 "check", f"v{job.version} is installed with another sha256 ({installed.sha256[:12]})"

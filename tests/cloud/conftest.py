@@ -27,10 +27,12 @@ def settings() -> Settings:
 
 @pytest.fixture
 def aws(settings: Settings) -> Iterator:
-    """moto in-process with the stage's bucket, tables and queues; yields AwsClients."""
+    """moto in-process with the stage's bucket, tables, queues and release signing key;
+    yields AwsClients."""
     from moto import mock_aws
 
     from chalicelib.aws import AwsClients
+    from chalicelib.signing import create_signing_key
     from chalicelib.tables import create_tables
 
     with mock_aws():
@@ -39,6 +41,7 @@ def aws(settings: Settings) -> Iterator:
         create_tables(clients.dynamodb, settings.registry_table, settings.state_table)
         clients.sqs.create_queue(QueueName=settings.telemetry_queue)
         clients.sqs.create_queue(QueueName=settings.raw_events_queue)
+        create_signing_key(clients.kms, settings.signing_key_id)
         yield clients
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -327,3 +330,62 @@ def test_batch_artifact_location_follows_the_training_output_layout():
                                {"digits"}, "bucket")
     assert change.artifact == "s3://bucket/models/digits/mledge-digits-v3-x/output/model.tar.gz"
     assert change.state == "succeeded" and change.version == 3
+
+
+def _emf(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if '"_aws"' in line]
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """What the app's Powertools logger writes, formatted as in Lambda (JSON lines)."""
+    from chalicelib.observability import LOGGER
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LOGGER.registered_formatter)
+    LOGGER.addHandler(handler)
+    yield stream
+    LOGGER.removeHandler(handler)
+
+
+def _logs(stream: io.StringIO) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    stream.seek(0)
+    stream.truncate()
+    return lines
+
+
+def test_gate_decisions_and_failures_are_metrics_and_logs_carry_model_version_job(
+        client, aws, settings, registry, state_store, capsys, log_stream):
+    capsys.readouterr()
+    approved, name = start_version(registry, state_store, VIB)
+    artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.52))
+    _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
+    out = capsys.readouterr().out
+    per_model = [b for b in _emf(out) if b.get("model") == VIB]
+    assert [b.get("GateApproved") for b in per_model] == [[1.0]]
+    assert per_model[0]["GateChallengerScore"] == [0.52]
+    assert per_model[0]["metric"] == "silhouette" and per_model[0]["version"] == approved
+    decision = next(line for line in _logs(log_stream) if "APPROVED" in line["message"])
+    assert (decision["level"], decision["model"], decision["version"], decision["job"]) == (
+        "INFO", VIB, approved, name)
+    state_store.release_training_lock(VIB, approved)  # what packaging does once released
+
+    _, name = start_version(registry, state_store, VIB)
+    artifact = put_artifact(aws, settings.bucket, VIB, name, metrics_doc(challenger=0.12))
+    _sagemaker(client, sagemaker_event_detail(name, "Completed", artifact=artifact))
+    blobs = _emf(capsys.readouterr().out)
+    assert [b["GateRejected"] for b in blobs if "GateRejected" in b] == [[1.0], [1.0]]
+    assert {b["stage"] for b in blobs} == {settings.stage}
+
+    _, name = start_version(registry, state_store, VIB)
+    _sagemaker(client, sagemaker_event_detail(name, "Failed", failure="AlgorithmError: boom"))
+    out = capsys.readouterr().out
+    _logs(log_stream)
+    assert [b["TrainingsFailed"] for b in _emf(out) if b.get("model") == VIB] == [[1.0]]
+    # Keys from one invocation do not leak into the next one's lines.
+    _sagemaker(client, sagemaker_event_detail("not-ours-123", "Completed"))
+    lines = _logs(log_stream)
+    assert any("not an mledge training job" in line["message"] for line in lines)
+    assert all("model" not in line for line in lines if "not an mledge" in line["message"])

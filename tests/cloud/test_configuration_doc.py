@@ -40,9 +40,60 @@ def test_every_config_field_is_documented() -> None:
 
 
 def test_add_a_model_example_is_valid() -> None:
+    config = parse_pipeline_config(tomllib.loads(_doc_example()))
+    assert config.model("bearing-temp").schema.feature_count == 4
+
+
+def _doc_example() -> str:
     example = re.search(r"```toml\n(.*?)```", DOC, re.S)
     assert example is not None
-    text = "\n".join(line[3:] if line.startswith("   ") else line
+    return "\n".join(line[3:] if line.startswith("   ") else line
                      for line in example.group(1).splitlines())
-    config = parse_pipeline_config(tomllib.loads(text))
-    assert config.model("bearing-temp").schema.feature_count == 4
+
+
+def test_the_add_a_model_example_goes_from_config_to_a_release_with_no_template_edit(
+        aws, settings, tmp_path, monkeypatch) -> None:
+    """The doc's table added to the real pipeline.toml: the model trains, releases to its
+    own thing group (created by packaging), and provision-device enrols devices in it."""
+    from chalice.test import Client
+
+    from app import app
+    from chalicelib.registry import Registry, Status
+    from chalicelib.runtime import Runtime, set_runtime
+    from chalicelib.settings import DEFAULT_PIPELINE_CONFIG
+    from mledge_ops.cli import main
+    from tests.cloud.test_packaging import artifact, kmeans_onnx
+
+    config_path = tmp_path / "pipeline.toml"
+    config_path.write_text(DEFAULT_PIPELINE_CONFIG.read_text() + "\n" + _doc_example())
+    stage = dataclasses.replace(settings, pipeline_config=config_path)
+    set_runtime(Runtime.from_settings(stage, clients=aws))
+    try:
+        registry = Registry(stage.registry_table, aws.dynamodb)
+        version = registry.allocate_version("bearing-temp")
+        registry.create_training("bearing-temp", version, {"job_name": "j"})
+        key = "models/bearing-temp/j/output/model.tar.gz"
+        aws.s3.put_object(Bucket=stage.bucket, Key=key, Body=artifact(kmeans_onnx(3)))
+        registry.transition("bearing-temp", version, Status.APPROVED, expected=[Status.TRAINING],
+                            artifact=f"s3://{stage.bucket}/{key}")
+        with Client(app) as client:
+            event = client.events.generate_cw_event(
+                source="mledge.pipeline", detail_type="ModelApproved",
+                detail={"model": "bearing-temp", "version": version}, resources=[])
+            result = client.lambda_.invoke("release_approved_model", event).payload
+        assert result["outcome"] == "released", result
+        group = aws.iot.describe_thing_group(thingGroupName="mledge-bearing")
+        job = aws.iot.describe_job(jobId=result["job_id"])["job"]
+        assert job["targets"] == [group["thingGroupArn"]]
+    finally:
+        set_runtime(None)
+
+    aws.iot.create_policy(policyName="mledge-dev-device", policyDocument="{}")
+    from chalicelib.signing import create_signing_key
+
+    create_signing_key(aws.kms, "alias/mledge-dev-release-signing")
+    assert main(["provision-device", "--stage", "dev", "--thing", "bearing-1", "--model",
+                 "bearing-temp", "--out", str(tmp_path / "b"), "--region", "us-east-1",
+                 "--pipeline-config", str(config_path)]) == 0
+    members = aws.iot.list_things_in_thing_group(thingGroupName="mledge-bearing")["things"]
+    assert members == ["bearing-1"]

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 from chalice.test import Client
 
-from chalicelib.ingest import IngestError, SqsMessage, batch_id_for, ingest_messages
+from chalicelib.ingest import (
+    EmfIngestMetrics,
+    IngestError,
+    SqsMessage,
+    batch_id_for,
+    ingest_messages,
+)
 from chalicelib.records import MAX_PAYLOAD_BYTES
 from chalicelib.runtime import set_runtime
 from tests.cloud.ingest_helpers import (
@@ -278,26 +284,46 @@ def test_s3_refusal_fails_the_batch(aws, runtime):
         ingest_messages(messages, s3=aws.s3, bucket="no-such-bucket", config=runtime.config)
 
 
-def test_emf_metrics_per_model(aws, settings, runtime, capsys):
+def emf_blobs(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if '"_aws"' in line]
+
+
+def test_emf_metrics_per_model_and_per_stage(aws, settings, runtime, capsys):
+    metrics = EmfIngestMetrics(settings.stage)
+    summary = {"type": "summary", "thing": "t-1", "readings": 200, "anomalies": 10}
     messages = [SqsMessage("a", json.dumps(reading()), SENT_AT_MS),
                 SqsMessage("b", "nope", SENT_AT_MS),
-                SqsMessage("c", json.dumps(reading(model=DIGITS)), SENT_AT_MS)]
-    ingest_messages(messages, s3=aws.s3, bucket=settings.bucket, config=runtime.config)
+                SqsMessage("c", json.dumps(reading(model=DIGITS)), SENT_AT_MS),
+                SqsMessage("s", json.dumps({**reading(), **summary}), SENT_AT_MS),
+                # A summary with nonsense counts is stored but not counted.
+                SqsMessage("z", json.dumps({**reading(seq=9), **summary, "anomalies": 500,
+                                            "readings": 5}), SENT_AT_MS)]
+    ingest_messages(messages, s3=aws.s3, bucket=settings.bucket, config=runtime.config,
+                    metrics=metrics)
     capsys.readouterr()
-    ingest_messages(messages, s3=aws.s3, bucket=settings.bucket, config=runtime.config)
-    replay_out = capsys.readouterr().out
-    blobs = [json.loads(line) for line in replay_out.splitlines() if '"_aws"' in line]
-    assert blobs == []  # a replay stored nothing, so it counts nothing
+    ingest_messages(messages, s3=aws.s3, bucket=settings.bucket, config=runtime.config,
+                    metrics=metrics)
+    assert emf_blobs(capsys.readouterr().out) == []  # a replay stored nothing, counts nothing
 
     ingest_messages([*messages, SqsMessage("d", json.dumps(reading(seq=2)), SENT_AT_MS)],
-                    s3=aws.s3, bucket=settings.bucket, config=runtime.config)
-    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if '"_aws"' in line]
-    by_model = {b["model"]: b for b in blobs}
+                    s3=aws.s3, bucket=settings.bucket, config=runtime.config, metrics=metrics)
+    blobs = emf_blobs(capsys.readouterr().out)
+    by_model = {b["model"]: b for b in blobs if "model" in b}
+    stage_wide = [b for b in blobs if "model" not in b]
     assert set(by_model) == {VIBRATION, DIGITS, "_unknown"}
     assert by_model[VIBRATION]["RecordsAccepted"] == [2.0]
+    assert by_model[VIBRATION]["SummariesStored"] == [2.0]
+    assert by_model[VIBRATION]["DeviceReadings"] == [200.0]
+    assert by_model[VIBRATION]["DeviceAnomalyRate"] == [5.0]
     assert by_model["_unknown"]["RecordsQuarantined"] == [1.0]
-    assert by_model[DIGITS]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "MLEdgeDeployTest"
+    spec = by_model[DIGITS]["_aws"]["CloudWatchMetrics"][0]
+    assert spec["Namespace"] == "MLEdgeDeployTest"
+    assert sorted(spec["Dimensions"][0]) == ["model", "service", "stage"]
+    # The stage-wide copies (what the alarms read) carry no model dimension.
+    assert len(stage_wide) == 3 and all(b["stage"] == settings.stage for b in stage_wide)
+    assert sorted(stage_wide[0]["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0]) == [
+        "service", "stage"]
+    assert sum(b.get("RecordsQuarantined", [0])[0] for b in stage_wide) == 1
 
 
 def _count_puts(s3: Any) -> dict[str, int]:

@@ -5,18 +5,23 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
 from mledge_update.codecs import apply_delta, decode_full
-from mledge_update.document import parse_job_document
+from mledge_update.document import parse_job_document, parse_manifest
+from mledge_update.errors import SignatureError
 from mledge_update.hashing import sha256_hex
+from mledge_update.signing import ReleaseVerifier
 from skl2onnx import to_onnx
 from sklearn.cluster import KMeans
 
 from chalicelib import layout
 from chalicelib.registry import Registry, Status
+from chalicelib.runtime import Runtime, set_runtime
+from chalicelib.signing import release_public_key_pem
 
 MODEL = "vibration-anomaly"
 
@@ -233,3 +238,99 @@ def test_rollback_releases_the_older_model_again(env) -> None:
 
 def test_unknown_model_or_version_is_skipped_with_reason(env) -> None:
     assert "no version 9" in publish(env, 9)["reason"]
+
+
+# ---------------------------------------------------------------------------- signing
+
+def _stage_verifier(env: dict[str, Any]) -> ReleaseVerifier:
+    pem = release_public_key_pem(env["aws"].kms, env["settings"].signing_key_id)
+    return ReleaseVerifier.from_pem(pem)
+
+
+def test_release_is_signed_with_the_stage_kms_key_and_verifies_as_a_device_would(env) -> None:
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    v2 = approve(env, artifact(kmeans_onnx(2)))
+    publish(env, v1)
+    result = publish(env, v2)
+    document = job_document(env, result["job_id"])
+    manifest = json.loads(s3_get(env, result["manifest_key"]))
+    verifier = _stage_verifier(env)
+    job = parse_job_document(document)
+    verifier.verify(job)  # the delivered document (placeholder URLs)
+    verifier.verify(parse_manifest(manifest))  # the kept manifest: same statement, same signature
+    assert manifest["signature"] == document["signature"]
+    key_arn = env["aws"].kms.describe_key(KeyId=env["settings"].signing_key_id)["KeyMetadata"]["Arn"]
+    assert document["signature"]["key_id"] == key_arn
+    assert env["registry"].get(MODEL, v2).release["signing_key"] == key_arn
+    # The deltas the document ships are the ones the signature covers.
+    assert [d["sha256"] for d in document["deltas"]] == [d["sha256"] for d in manifest["deltas"]]
+    tampered = dict(document, model_sha256="0" * 64)
+    with pytest.raises(SignatureError):
+        verifier.verify(parse_job_document(tampered))
+
+
+def test_signed_rollback_names_the_release_it_leaves(env) -> None:
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    v2 = approve(env, artifact(kmeans_onnx(2)))
+    publish(env, v1)
+    publish(env, v2)
+    result = publish(env, v1, rollback=True, manual=True)
+    document = job_document(env, result["job_id"])
+    assert document["rollback"] is True and document["rollback_from"] == v2
+    _stage_verifier(env).verify(parse_job_document(document))
+
+
+def test_without_a_usable_signing_key_nothing_is_released(env, settings) -> None:
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    set_runtime(Runtime.from_settings(replace(settings, signing_key_id="alias/missing"),
+                                      clients=env["aws"]))
+    result = publish(env, v1)
+    assert result["outcome"] == "failed" and "KMS Sign with alias/missing failed" in result["reason"]
+    assert env["aws"].iot.list_jobs()["jobs"] == []
+    assert env["registry"].get(MODEL, v1).status is Status.APPROVED
+    set_runtime(Runtime.from_settings(replace(settings, signing_key_id=""), clients=env["aws"]))
+    assert "MLEDGE_SIGNING_KEY_ID is not set" in publish(env, v1)["reason"]
+
+
+# ---------------------------------------------------------------------------- observability
+
+def test_release_emits_its_metrics(env, capsys) -> None:
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    v2 = approve(env, artifact(kmeans_onnx(2)))
+    publish(env, v1)
+    capsys.readouterr()
+    result = publish(env, v2)
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    (per_model,) = [b for b in blobs if b.get("model") == MODEL]
+    assert per_model["Releases"] == [1.0] and per_model["version"] == v2
+    assert per_model["ReleaseFullBytes"] == [float(result["full_size"])]
+    assert per_model["ReleaseSmallestDeltaBytes"] == [float(min(d["size"] for d in result["deltas"]))]
+    assert len(blobs) == 2  # and the stage-wide copy the alarms read
+
+
+def test_rollout_progress_is_reported_for_each_current_release(env, capsys) -> None:
+    from chalicelib.rollouts import COUNT_FIELDS, execution_counts
+
+    client = env["client"]
+    tick = client.events.generate_cw_event(source="aws.events", detail_type="Scheduled Event",
+                                           detail={}, resources=[])
+    capsys.readouterr()
+    client.lambda_.invoke("report_rollouts", tick)
+    assert '"_aws"' not in capsys.readouterr().out  # nothing released: nothing to report
+    v1 = approve(env, artifact(kmeans_onnx(1)))
+    job_id = publish(env, v1)["job_id"]
+    capsys.readouterr()
+    client.lambda_.invoke("report_rollouts", tick)
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    (per_model,) = [b for b in blobs if b.get("model") == MODEL]
+    assert per_model["job_id"] == job_id and per_model["version"] == v1
+    assert {k for k in per_model if k.startswith("Rollout")} == {
+        "RolloutQueued", "RolloutInProgress", "RolloutSucceeded", "RolloutFailed",
+        "RolloutRejected", "RolloutTimedOut", "RolloutCanceled", "RolloutRemoved",
+        "RolloutSucceededPercent"}
+    assert per_model["RolloutQueued"] == [1.0] and per_model["RolloutSucceededPercent"] == [0.0]
+    # The counts come from IoT's jobProcessDetails, whatever subset it reports.
+    details = {name: i for i, name in enumerate(COUNT_FIELDS, start=1)}
+    counts = execution_counts({"jobProcessDetails": details})
+    assert counts["SUCCEEDED"] == details["numberOfSucceededThings"]
+    assert execution_counts({}) == dict.fromkeys(COUNT_FIELDS.values(), 0)

@@ -183,7 +183,7 @@ def test_losing_the_lock_race_starts_nothing(aws, settings, config, state_store,
 
 
 def test_a_backend_that_fails_to_start_releases_the_lock_and_records_failed(
-        aws, settings, config, state_store, registry):
+        aws, settings, config, state_store, registry, capsys):
     key = put_raw(aws.s3, settings.bucket, "vib", "f1", readings("vib", 150))
     backend = RecordingBackend(fail=BackendError("ResourceLimitExceeded: no ml.g4dn.xlarge"))
     report = trigger_with(aws, settings, config, backend).handle_raw_events(
@@ -200,6 +200,12 @@ def test_a_backend_that_fails_to_start_releases_the_lock_and_records_failed(
     started = trigger_with(aws, settings, config, backend).start_training("vib", reason="retry")
     assert started.version == 2
     assert state_store.new_records("vib") == 0
+    # Each outcome is a metric of the model (and of the stage).
+    blobs = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"_aws"' in line]
+    per_model = [b for b in blobs if b.get("model") == "vib"]
+    assert [(b.get("TrainingsFailed"), b.get("TrainingsStarted"), b["version"])
+            for b in per_model] == [([1.0], None, 1), (None, [1.0], 2)]
+    assert "ResourceLimitExceeded" in per_model[0]["reason"]
 
 
 def test_missing_stage_settings_fail_cleanly(aws, settings, config, state_store, registry):

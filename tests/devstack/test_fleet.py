@@ -10,6 +10,7 @@ their own, with the reason in the registry.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -17,6 +18,8 @@ import pytest
 from mledge_devstack.fleet import FaultPlan, FleetError, FleetSimulator, FleetStatus
 from mledge_devstack.fleet_release import UNSEEN_MODES, release
 from mledge_devstack.stack import LocalStack
+from mledge_update.document import UpdateJob, parse_job_document
+from mledge_update.signing import ReleaseVerifier
 
 from chalicelib import canary
 from chalicelib.config import load_pipeline_config
@@ -86,6 +89,13 @@ def tick_until(stack: LocalStack, decision: str) -> canary.TickResult:
         time.sleep(0.5)
 
 
+def signed_job(stack: LocalStack, job_id: str) -> UpdateJob:
+    """The job's document, checked against the stage's release key as a device checks it."""
+    job = parse_job_document(json.loads(stack.clients.iot.get_job_document(jobId=job_id)["document"]))
+    ReleaseVerifier.from_pem(stack.release_keys_path.read_bytes()).verify(job)
+    return job
+
+
 def test_canary_promotes_a_good_release_and_rolls_back_a_bad_one(stack):
     # Faults stay off the canary devices so the canary's verdict is about the model.
     faults = FaultPlan(offline=0.1, slow=0.1, crash=0.1, model_fails=1 / DEVICES, seed=3,
@@ -100,6 +110,13 @@ def test_canary_promotes_a_good_release_and_rolls_back_a_bad_one(stack):
         # Only the canary group gets v1 first; the controller then sends it to the fleet.
         promoted = tick_until(stack, canary.PROMOTE)
         assert promoted.job_id == f"mledge-{MODEL}-v{v1:05d}"
+        # The fleet gets the canary's signed document, without the health request.
+        fleet_job = signed_job(stack, promoted.job_id)
+        assert (fleet_job.version, fleet_job.health) == (v1, None)
+        registry_job = Registry(stack.settings.registry_table,
+                                             stack.clients.dynamodb).get(MODEL, v1)
+        canary_signed = signed_job(stack, str(registry_job.release["canary_job_id"]))
+        assert canary_signed.health is not None and canary_signed.signature == fleet_job.signature
         able = [t for t in fleet.things if "model_fails" not in plan[t]]
         status = wait_serving(fleet, able, v1)
         [broken] = [t for t in fleet.things if "model_fails" in plan[t]]
@@ -124,6 +141,8 @@ def test_canary_promotes_a_good_release_and_rolls_back_a_bad_one(stack):
         status = wait_serving(fleet, able, v1)
         touched = [t for t in fleet.things if str(v2) in status.devices[t]["served_at"]]
         assert touched and set(touched) <= set(CANARY)  # the rest of the fleet never ran v2
+        rollback = signed_job(stack, str(registry.get(MODEL, v1).release["job_id"]))
+        assert (rollback.version, rollback.rollback, rollback.rollback_from) == (v1, True, v2)
         bad = registry.get(MODEL, v2)
         assert bad.status is Status.ROLLED_BACK
         assert bad.release["auto_rollback"]["to_version"] == v1

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import queue
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,7 +24,7 @@ from mledge_devstack.mqtt import MqttClient
 from mledge_devstack.procs import process_group_alive
 from mledge_devstack.stack import LocalStack, StackInfo
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 MODEL = "vibration-anomaly"
@@ -209,6 +212,37 @@ def test_dispatcher_routes_local_training_events_to_the_handler(stack):
     assert written["endpoint"] == stack.env["AWS_ENDPOINT_URL"]
 
 
+def test_provision_and_env_commands_give_a_device_and_a_shell_the_stack(stack, tmp_path):
+    from mledge_edge.config import AgentConfig
+    from mledge_update.signing import ReleaseVerifier
+
+    env = {k: v for k, v in subprocess_env().items()
+           if not k.startswith(("MLEDGE_", "AWS_", "POWERTOOLS_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "mledge_devstack", "provision", "cli-dev-1", "--model", MODEL,
+         "--dir", str(stack.directory), "--out", str(tmp_path / "dev")],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"mledge-agent --config {tmp_path / 'dev' / 'agent.json'}" in done.stdout
+    config = AgentConfig.from_file(tmp_path / "dev" / "agent.json").validate()
+    assert (config.thing, config.port, config.insecure_no_tls) == ("cli-dev-1", stack.mqtt_port,
+                                                                    False)
+    ReleaseVerifier.from_pem(Path(config.release_keys).read_bytes())  # the stage's key
+    group = stack.clients.iot.list_things_in_thing_group(thingGroupName="mledge-vibration")
+    assert "cli-dev-1" in group["things"]
+
+    # A shell with nothing set: eval the stack's environment, then the operator CLI works.
+    script = (f'eval "$({shlex.quote(sys.executable)} -m mledge_devstack env '
+              f'--dir {shlex.quote(str(stack.directory))})" && '
+              f'{shlex.quote(sys.executable)} -m mledge_ops models --json')
+    shell = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert shell.returncode == 0, shell.stderr
+    assert {m["model"] for m in json.loads(shell.stdout)} >= {MODEL, "digits"}
+    unknown = subprocess.run(
+        [sys.executable, "-m", "mledge_devstack", "provision", "cli-dev-2", "--model", "nope",
+         "--dir", str(stack.directory)], env=env, capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "nope" in unknown.stderr
 def test_a_certificate_cannot_take_another_things_client_id(stack):
     """AWS's policy allows only client/${ThingName}; here the broker makes the
     certificate's thing name the client id, so thing A claiming B's id cannot

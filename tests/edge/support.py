@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,43 @@ from mledge_update import onnx_metadata as meta_keys
 from mledge_update.codecs import encode_full, make_delta
 from mledge_update.document import Delta, FullModel, Smoke, UpdateJob
 from mledge_update.hashing import sha256_hex
+from mledge_update.signing import ReleaseVerifier, Signature, release_statement
 
 MODEL = "vibration-anomaly"
+
+
+# ---------------------------------------------------------------------------- release keys
+
+def new_release_key() -> Any:
+    """A fresh ECDSA P-256 private key (the key type KMS ECC_NIST_P256 holds)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+# The test fleet's release key: devices trust its public half, releases are signed with it.
+RELEASE_KEY = new_release_key()
+
+
+def sign_job(job: UpdateJob, key: Any = RELEASE_KEY, key_id: str = "test-release-key") -> UpdateJob:
+    """`job` signed the way packaging signs with KMS (ECDSA_SHA_256 over the statement)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    value = key.sign(release_statement(job), ec.ECDSA(hashes.SHA256()))
+    return replace(job, signature=Signature(key_id=key_id, value=value))
+
+
+def release_verifier(*keys: Any) -> ReleaseVerifier:
+    return ReleaseVerifier([k.public_key() for k in (keys or (RELEASE_KEY,))])
+
+
+def release_keys_pem(*keys: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return b"".join(k.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        for k in (keys or (RELEASE_KEY,)))
 
 
 def free_port() -> int:
@@ -279,7 +314,7 @@ def make_release(server: ArtifactServer, version: int, model_bytes: bytes,
                  smoke: Smoke | None = None, rollback: bool = False,
                  uplink: dict[str, Any] | None = None, corrupt_delta: bool = False,
                  schema_features=VIBRATION_FEATURES, model: str = MODEL,
-                 codec: str = "bsdiff4") -> Release:
+                 codec: str = "bsdiff4", rollback_from: int | None = None) -> Release:
     """Put a release's artifacts on the server and return its UpdateJob."""
     names: dict[str, str] = {}
     full_blob = encode_full(encoding, model_bytes)
@@ -309,14 +344,17 @@ def make_release(server: ArtifactServer, version: int, model_bytes: bytes,
         schema={"features": list(schema_features), "label": "none"},
         uplink=uplink or {"before_model": "all", "anomalies": True, "sample_rate": 0.0,
                           "summary_interval_seconds": 3600},
-        rollback=rollback,
+        rollback=rollback, rollback_from=rollback_from,
     )
     return Release(version, model_bytes, job, names)
 
 
-def document_for(server: ArtifactServer, release: Release, ttl: float = 3600.0) -> dict[str, Any]:
-    """The job document with freshly 'presigned' URLs (what IoT does per delivery)."""
-    doc = release.job.to_document()
+def document_for(server: ArtifactServer, release: Release, ttl: float = 3600.0,
+                 *, signed_with: Any = RELEASE_KEY) -> dict[str, Any]:
+    """The job document with freshly 'presigned' URLs (what IoT does per delivery),
+    signed with `signed_with` (None: unsigned)."""
+    job = release.job if signed_with is None else sign_job(release.job, signed_with)
+    doc = job.to_document()
     doc["full"]["url"] = server.url(release.names[doc["full"]["sha256"]], ttl)
     for delta in doc["deltas"]:
         delta["url"] = server.url(release.names[delta["sha256"]], ttl)
@@ -334,8 +372,9 @@ def presigned_placeholder(name: str) -> str:
 
 
 def job_template(release: Release) -> dict[str, Any]:
-    """The job document as stored in the IoT Job: URLs as presigned-URL placeholders."""
-    doc = release.job.to_document()
+    """The job document as stored in the IoT Job: URLs as presigned-URL placeholders,
+    signed with the test fleet's release key (as packaging signs with KMS)."""
+    doc = sign_job(release.job).to_document()
     doc["full"]["url"] = presigned_placeholder(release.names[doc["full"]["sha256"]])
     for delta in doc["deltas"]:
         delta["url"] = presigned_placeholder(release.names[delta["sha256"]])

@@ -18,6 +18,7 @@ from tests.edge.support import (
     free_port,
     make_kmeans_model,
     make_release,
+    release_keys_pem,
     run_mosquitto,
     wait_until,
 )
@@ -29,7 +30,10 @@ def models() -> dict[int, bytes]:
 
 
 def agent_config(tmp_path, port: int, **overrides) -> AgentConfig:
-    values = dict(thing="dev-1", model=MODEL, endpoint="127.0.0.1", port=port, insecure_no_tls=True,
+    keys = tmp_path / "release-keys.pem"
+    keys.write_bytes(release_keys_pem())
+    values = dict(release_keys=str(keys), thing="dev-1", model=MODEL, endpoint="127.0.0.1",
+                  port=port, insecure_no_tls=True,
                   state_dir=str(tmp_path / "state"), sensor="vibration", rate=0, seed=5,
                   stats_interval=0.2, request_timeout=5.0)
     values.update(overrides)
@@ -105,7 +109,8 @@ def test_killed_during_install_restarts_with_a_model_and_reports_the_job(tmp_pat
     config = agent_config(tmp_path, mosquitto)
     argv = [sys.executable, "-m", "mledge_edge", "--thing", "dev-1", "--model", MODEL,
             "--endpoint", "127.0.0.1", "--port", str(mosquitto), "--insecure-no-tls",
-            "--state-dir", config.state_dir, "--sensor", "none", "--duration", "30"]
+            "--state-dir", config.state_dir, "--sensor", "none", "--duration", "30",
+            "--release-keys", config.release_keys]
     proc = subprocess.run(argv, env=subprocess_env(**{CRASH_ENV: "after_state_write"}),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == CRASH_EXIT_CODE, proc.stderr[-2000:]

@@ -33,7 +33,7 @@ from mledge_update.iot_jobs import (
 from moto.iot.models import IoTBackend
 
 from tests.devstack.test_jobs import ACCOUNT, REGION, create_job
-from tests.edge.support import make_kmeans_model
+from tests.edge.support import make_kmeans_model, release_keys_pem
 from tests.fuzz_strategies import json_values, nasty_numbers, nasty_text
 
 THING = "dev-a"
@@ -273,8 +273,11 @@ def test_every_device_request_gets_exactly_one_answer(tail: str, payload: bytes)
 
 
 def _agent(tmp_path: Path) -> Agent:
+    keys = tmp_path / "release-keys.pem"
+    keys.write_bytes(release_keys_pem())
     return Agent(AgentConfig(thing=THING, model="vibration-anomaly", insecure_no_tls=True,
-                             state_dir=str(tmp_path / "state"), sensor="none", rate=0))
+                             state_dir=str(tmp_path / "state"), sensor="none", rate=0,
+                             release_keys=str(keys)))
 
 
 def test_a_final_update_with_raw_onnxruntime_text_still_ends_the_execution(

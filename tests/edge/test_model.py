@@ -130,7 +130,8 @@ def test_uplink_policy_before_and_after_a_model():
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "agent.json"
     path.write_text('{"thing": "dev-1", "model": "vibration-anomaly", "endpoint": "broker", "port": 8883,'
-                    ' "cert": "c.pem", "key": "k.pem", "ca": "ca.pem", "rate": 5}')
+                    ' "cert": "c.pem", "key": "k.pem", "ca": "ca.pem", "rate": 5,'
+                    ' "release_keys": "release-keys.pem"}')
     config = config_from_args(["--config", str(path), "--port", "1884", "--insecure-no-tls",
                                "--state-dir", str(tmp_path / "s")])
     assert (config.thing, config.endpoint, config.port, config.rate) == ("dev-1", "broker", 1884, 5)
@@ -139,3 +140,8 @@ def test_config_file_and_flags(tmp_path):
         config_from_args(["--model", "m"])
     with pytest.raises(ConfigError, match="unknown config fields"):
         AgentConfig.from_mapping({"thing": "t", "colour": "red"})
+    # No trusted release key and no explicit opt-out: the agent refuses to start.
+    with pytest.raises(ConfigError, match="release_keys is required"):
+        config_from_args(["--thing", "t", "--model", "m"])
+    assert config_from_args(["--thing", "t", "--model", "m",
+                             "--allow-unsigned-releases"]).allow_unsigned_releases

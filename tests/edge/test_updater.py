@@ -12,6 +12,7 @@ from mledge_edge.sensors import VIBRATION_FEATURES
 from mledge_edge.store import INSTALL_STEPS, ModelStore
 from mledge_edge.updater import UpdateFailedError, Updater, UpdateRejectedError
 from mledge_update.hashing import sha256_hex
+from mledge_update.signing import ReleaseVerifier
 
 from tests.edge.support import (
     ArtifactServer,
@@ -19,6 +20,9 @@ from tests.edge.support import (
     golden,
     make_kmeans_model,
     make_release,
+    new_release_key,
+    release_keys_pem,
+    release_verifier,
     training_rows,
 )
 
@@ -39,7 +43,8 @@ def make_updater(tmp_path, crash_at: str | None = None, handle: ModelHandle | No
 
     store = ModelStore(tmp_path / "state", hook)
     return Updater(store, handle or ModelHandle(), Downloader(store.downloads_dir, retries=2, backoff_s=0.01),
-                   model_name="vibration-anomaly", expected_features=VIBRATION_FEATURES)
+                   model_name="vibration-anomaly", verifier=release_verifier(),
+                   expected_features=VIBRATION_FEATURES)
 
 
 def run(updater: Updater, server: ArtifactServer, release, reports=None, **kwargs):
@@ -208,6 +213,105 @@ def test_corrupted_current_model_falls_back_to_previous(tmp_path, artifacts, mod
     assert restarted.state.pending_report is None
 
 
+# ---------------------------------------------------------------------------- signed releases
+
+def _refused_before_download(updater, artifacts, document, stage: str, match: str) -> None:
+    """The release is REJECTED at `stage`, nothing is fetched, the old model serves on."""
+    before = (updater.handle.info.version, updater.store.state.current)
+    requests = len(artifacts.requests)
+    with pytest.raises(UpdateRejectedError, match=match) as info:
+        updater.run("job-x", document, lambda details: None)
+    assert info.value.stage == stage and info.value.status == "REJECTED"
+    assert len(artifacts.requests) == requests  # refused before downloading anything
+    assert (updater.handle.info.version, updater.store.state.current) == before
+    assert updater.handle.current.predict([0.1] * len(VIBRATION_FEATURES)) is not None
+
+
+def test_unsigned_release_is_refused_and_the_device_keeps_serving(tmp_path, artifacts, models):
+    updater = make_updater(tmp_path)
+    install(updater, artifacts, models, 1)
+    release = make_release(artifacts, 2, models[2], [(1, models[1])])
+    _refused_before_download(updater, artifacts, document_for(artifacts, release, signed_with=None),
+                             "signature", "is not signed")
+
+
+def test_release_signed_with_another_key_is_refused(tmp_path, artifacts, models):
+    updater = make_updater(tmp_path)
+    install(updater, artifacts, models, 1)
+    release = make_release(artifacts, 2, models[2], [(1, models[1])])
+    document = document_for(artifacts, release, signed_with=new_release_key())
+    _refused_before_download(updater, artifacts, document, "signature", "does not verify")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda d: d.update(model_sha256="0" * 64),                      # another model
+    lambda d: d["full"].update(sha256="1" * 64, size=d["full"]["size"] + 1),  # another artifact
+    lambda d: d["deltas"][0].update(from_sha256="2" * 64),          # another base
+    lambda d: d["smoke"]["inputs"][0].__setitem__(0, 99.0),         # smoke rows that pass anything
+    lambda d: d["uplink"].update(sample_rate=1.0),                  # uplink policy
+    lambda d: d.update(version=d["version"] + 7),                   # version bump
+    lambda d: d.update(rollback=True, rollback_from=9),             # turned into a rollback
+    lambda d: d["signature"].update(value=d["signature"]["value"][:-8] + "AAAAAAA="),
+], ids=["model_sha256", "full", "delta_base", "smoke", "uplink", "version", "rollback",
+        "signature_bytes"])
+def test_tampered_signed_document_is_refused(tmp_path, artifacts, models, tamper):
+    updater = make_updater(tmp_path)
+    install(updater, artifacts, models, 1)
+    document = document_for(artifacts, make_release(artifacts, 2, models[2], [(1, models[1])]))
+    tamper(document)
+    _refused_before_download(updater, artifacts, document, "signature", "does not verify")
+
+
+def test_urls_are_not_signed_so_each_delivery_may_presign_afresh(tmp_path, artifacts, models):
+    updater = make_updater(tmp_path)
+    release = make_release(artifacts, 1, models[1])
+    document = document_for(artifacts, release, ttl=60)
+    again = document_for(artifacts, release, ttl=120)
+    assert document["full"]["url"] != again["full"]["url"]
+    again["signature"] = document["signature"]  # the signature of the first delivery
+    assert updater.run("job-1", again, lambda details: None).version == 1
+
+
+def test_replayed_older_release_is_refused_even_after_the_newer_model_is_gone(tmp_path, artifacts,
+                                                                             models):
+    updater = make_updater(tmp_path)
+    old = document_for(artifacts, make_release(artifacts, 1, models[1]))  # validly signed
+    install(updater, artifacts, models, 1, 2, 3)
+    _refused_before_download(updater, artifacts, old, "check", "downgrade to v1 refused")
+    # The highest accepted version survives a restart and a state without v3's file.
+    state = (tmp_path / "state" / "state.json")
+    assert '"highest_version": 3' in state.read_text()
+    fresh = make_updater(tmp_path)
+    assert fresh.store.state.highest_version == 3
+    with pytest.raises(UpdateRejectedError, match="downgrade to v1 refused"):
+        fresh.run("job-y", old, lambda details: None)
+
+
+def test_signed_rollback_is_taken_but_a_replayed_older_rollback_is_not(tmp_path, artifacts, models):
+    updater = make_updater(tmp_path)
+    install(updater, artifacts, models, 1, 2)
+    back = make_release(artifacts, 1, models[1], rollback=True, rollback_from=2)
+    stale_rollback = document_for(artifacts, back)
+    assert updater.run("job-rb", stale_rollback, lambda details: None).codec == "local"
+    assert updater.handle.info.version == 1 and updater.store.state.highest_version == 2
+    # The fleet moves on to v3; replaying the signed "roll back from v2" must not move it back.
+    run(updater, artifacts, make_release(artifacts, 3, models[3], [(1, models[1])]))
+    _refused_before_download(updater, artifacts, stale_rollback, "check", "replayed older rollback")
+
+
+def test_rotation_trusts_every_key_in_the_file(tmp_path, artifacts, models):
+    old_key, new_key = new_release_key(), new_release_key()
+    verifier = ReleaseVerifier.from_pem(release_keys_pem(old_key, new_key))
+    updater = make_updater(tmp_path)
+    updater.verifier = verifier
+    run(updater, artifacts, make_release(artifacts, 1, models[1]), signed_with=old_key)
+    run(updater, artifacts, make_release(artifacts, 2, models[2], [(1, models[1])]),
+        signed_with=new_key)
+    assert updater.handle.info.version == 2
+    # After the rotation the file holds only the new key: the old one is refused.
+    updater.verifier = ReleaseVerifier.from_pem(release_keys_pem(new_key))
+    third = document_for(artifacts, make_release(artifacts, 3, models[3]), signed_with=old_key)
+    _refused_before_download(updater, artifacts, third, "signature", "does not verify")
 def test_an_update_deletes_partial_downloads_of_other_jobs(tmp_path, artifacts, models):
     updater = make_updater(tmp_path)
     folder = updater.downloader.folder

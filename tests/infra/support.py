@@ -19,7 +19,7 @@ MOTO_UNSUPPORTED_TYPES = {
     "AWS::S3::BucketPolicy",
     "AWS::SQS::QueuePolicy",
     "AWS::IoT::TopicRule",
-    "AWS::IoT::ThingGroup",
+    "AWS::CloudWatch::Alarm",
     "AWS::Glue::Database",
     "AWS::Glue::Table",
     "AWS::Athena::WorkGroup",

@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import REPO, subprocess_env
 from tests.infra.support import lint
+from tests.infra.test_policy import policy_file
 
 pytestmark = pytest.mark.slow
 CHALICE = "import sys; from chalice.cli import main; sys.argv[0] = 'chalice'; sys.exit(main())"
@@ -51,25 +52,31 @@ def test_packaged_template_passes_cfn_lint(packaged) -> None:
     assert (out / "deployment.zip").stat().st_size > 0
 
 
-def test_every_function_runs_with_the_stage_policy(packaged) -> None:
+def test_every_function_runs_with_its_own_role_and_policy(packaged) -> None:
     stage, _, template = packaged
-    policy = json.loads((REPO / ".chalice" / f"policy-{stage}.json").read_text())
     assert functions(template), "app.py defines no handlers"
+    roles = set()
     for name, function in functions(template).items():
+        handler = function["Properties"]["Handler"].rsplit(".", 1)[1]
+        chalice_name = "api_handler" if handler == "app" else handler
+        policy = json.loads(policy_file(stage, chalice_name).read_text())
         role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+        roles.add(role)
         documents = [p["PolicyDocument"] for p in
                      template["Resources"][role]["Properties"]["Policies"]]
         assert documents == [policy], name
         variables = function["Properties"]["Environment"]["Variables"]
         assert variables["MLEDGE_STAGE"] == stage
+    assert len(roles) == len(functions(template))  # no two functions share a role
 
 
 def test_sqs_event_sources_are_the_stage_queues(packaged) -> None:
     stage, _, template = packaged
-    policy = json.loads((REPO / ".chalice" / f"policy-{stage}.json").read_text())
     consumable = {
         resource.rsplit(":", 1)[1]
-        for statement in policy["Statement"] if "sqs:ReceiveMessage" in statement["Action"]
+        for path in (REPO / ".chalice").glob(f"policy-{stage}-*.json")
+        for statement in json.loads(path.read_text())["Statement"]
+        if "sqs:ReceiveMessage" in statement["Action"]
         for resource in statement["Resource"]
     }
     queues = [

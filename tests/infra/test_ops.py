@@ -13,10 +13,12 @@ from pathlib import Path
 
 import boto3
 import pytest
+from mledge_update.signing import ReleaseVerifier
 from moto import mock_aws
 
+from chalicelib.signing import create_signing_key, release_public_key_pem
 from mledge_ops.cli import main
-from mledge_ops.common import device_policy_name
+from mledge_ops.common import device_policy_name, signing_key_alias
 from mledge_ops.stack_config import OUTPUT_FOR_VARIABLE
 from tests.conftest import REPO, subprocess_env
 from tests.infra.support import PIPELINE_TEMPLATE, deploy_stacks, load_template
@@ -72,7 +74,8 @@ def test_stack_config_copies_outputs_and_keeps_everything_else(moto, chalice_con
     assert main(["stack-config", "--stage", "dev", "--region", REGION,
                  "--chalice-config", str(chalice_config)]) == 0
     assert chalice_config.read_text() == text
-    assert "0 changed, 13 unchanged" in capsys.readouterr().out
+    # every stack output plus MLEDGE_STAGE
+    assert f"0 changed, {len(OUTPUT_FOR_VARIABLE) + 1} unchanged" in capsys.readouterr().out
 
 
 def test_stack_config_dry_run_writes_nothing(moto, chalice_config, capsys):
@@ -129,23 +132,22 @@ def test_console_entry_point_runs_the_dispatcher():
 
 @pytest.fixture
 def iot(moto):
-    """moto with what infra/pipeline.yaml makes for devices: the policy and the thing groups.
+    """moto with what infra/pipeline.yaml makes for devices: the policy and the release key.
 
-    (test_infra_deploy.py checks the stack creates the policy under this name;
-    moto's CloudFormation skips AWS::IoT::ThingGroup.)
+    (test_infra_deploy.py checks the stack creates both under these names; thing groups
+    are the code's: provision-device creates a model's group when it has none.)
     """
     client = boto3.client("iot", region_name=REGION)
     document = load_template(PIPELINE_TEMPLATE)["Resources"]["DevicePolicy"]["Properties"][
         "PolicyDocument"
     ]
     client.create_policy(policyName=device_policy_name("dev"), policyDocument=json.dumps(document))
-    for group in ("mledge-vibration", "mledge-digits"):
-        client.create_thing_group(thingGroupName=group)
+    create_signing_key(boto3.client("kms", region_name=REGION), signing_key_alias("dev"))
     return client
 
 
 def provision(out: Path, thing: str = "pump-7", model: str = "vibration-anomaly", *extra: str):
-    return main(["provision-device", "--thing", thing, "--model", model, "--out", str(out),
+    return main(["provision-device", "--stage", "dev", "--thing", thing, "--model", model, "--out", str(out),
                  "--region", REGION, *extra])
 
 
@@ -182,6 +184,7 @@ def test_provision_registers_the_device_and_writes_its_bundle(iot, tmp_path):
         "ca": str(out / "AmazonRootCA1.pem"),
         "state_dir": str(out / "state"),
         "sensor": "vibration",
+        "release_keys": str(out / "release-keys.pem"),
     }
 
 
@@ -191,6 +194,7 @@ def test_agent_json_is_accepted_by_the_agent_config_if_present(iot, tmp_path):
     config = agent_config.AgentConfig.from_file(tmp_path / "d" / "agent.json").validate()
     assert (config.thing, config.model, config.port) == ("cam-1", "digits", 8883)
     assert config.cert == "/etc/mledge/cert.pem"
+    assert config.release_keys == "/etc/mledge/release-keys.pem"
 
 
 def test_provision_is_idempotent_for_the_same_thing_and_bundle(iot, tmp_path):
@@ -245,8 +249,31 @@ def test_provision_refuses_to_overwrite_another_things_bundle(iot, tmp_path, cap
 def test_provision_explains_missing_infrastructure(moto, tmp_path, capsys):
     assert provision(tmp_path / "x") == 1
     error = capsys.readouterr().err
-    assert "thing group 'mledge-vibration' does not exist" in error
+    assert "IoT policy 'mledge-dev-device' does not exist" in error
     assert "infra/pipeline.yaml" in error
+
+
+def test_provision_without_the_release_key_is_refused_before_any_thing_is_made(
+        moto, tmp_path, capsys):
+    client = boto3.client("iot", region_name=REGION)
+    client.create_policy(policyName=device_policy_name("dev"), policyDocument="{}")
+    assert provision(tmp_path / "x") == 1
+    error = capsys.readouterr().err
+    assert "alias/mledge-dev-release-signing" in error and "infra/pipeline.yaml" in error
+    assert client.list_things()["things"] == []
+    assert not (tmp_path / "x").exists()
+
+
+def test_provision_writes_the_stage_release_key_and_creates_the_model_group(iot, tmp_path):
+    kms = boto3.client("kms", region_name=REGION)
+    assert provision(tmp_path / "d") == 0
+    pem = (tmp_path / "d" / "release-keys.pem").read_bytes()
+    assert pem == release_public_key_pem(kms, signing_key_alias("dev"))
+    ReleaseVerifier.from_pem(pem)  # what the agent loads
+    group = iot.describe_thing_group(thingGroupName="mledge-vibration")
+    assert group["thingGroupProperties"]["attributePayload"]["attributes"] == {
+        "model": "vibration-anomaly", "stage": "dev"}
+    assert read_json(tmp_path / "d" / "provision.json")["signing_key"] == signing_key_alias("dev")
 
 
 def test_provision_copies_a_given_root_ca(iot, tmp_path):

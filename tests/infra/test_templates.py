@@ -88,16 +88,61 @@ def test_state_table_expires_markers_by_ttl(pipeline) -> None:
     assert "TimeToLiveSpecification" not in pipeline["Resources"]["RegistryTable"]["Properties"]
 
 
-def test_one_thing_group_per_configured_model(pipeline) -> None:
-    config = load_pipeline_config(DEFAULT_PIPELINE_CONFIG)
-    groups = resources_of_type(pipeline, "AWS::IoT::ThingGroup")
-    by_model: dict[str, str] = {}
-    for group in groups.values():
-        properties = group["Properties"]
-        parameter = properties["ThingGroupName"]["Ref"]
-        model = properties["ThingGroupProperties"]["AttributePayload"]["Attributes"]["model"]
-        by_model[model] = pipeline["Parameters"][parameter]["Default"]
-    assert by_model == {name: m.thing_group for name, m in config.models.items()}
+def test_thing_groups_are_left_to_the_code_so_adding_a_model_never_edits_infra(
+        pipeline) -> None:
+    # Packaging and `mledge provision-device` create a model's group (ota.ensure_thing_group).
+    assert resources_of_type(pipeline, "AWS::IoT::ThingGroup") == {}
+    text = PIPELINE_TEMPLATE.read_text()
+    for model in load_pipeline_config(DEFAULT_PIPELINE_CONFIG).models.values():
+        assert model.thing_group not in text
+
+
+def test_release_signing_key_is_an_ecdsa_p256_signing_key_behind_the_stage_alias(
+        pipeline) -> None:
+    (key,) = resources_of_type(pipeline, "AWS::KMS::Key").values()
+    assert key["Properties"]["KeySpec"] == "ECC_NIST_P256"
+    assert key["Properties"]["KeyUsage"] == "SIGN_VERIFY"
+    assert key["DeletionPolicy"] == "Retain"  # devices trust it: never lose it with a stack
+    (alias,) = resources_of_type(pipeline, "AWS::KMS::Alias").values()
+    assert sub_text(alias["Properties"]["AliasName"]) == "alias/mledge-${Stage}-release-signing"
+    assert pipeline["Outputs"]["ReleaseSigningKeyAlias"]["Value"] == {"Ref": "ReleaseSigningKeyAlias"}
+
+
+def test_alarms_watch_dead_letters_quarantine_failed_executions_and_trainings(pipeline) -> None:
+    alarms = resources_of_type(pipeline, "AWS::CloudWatch::Alarm")
+    watched = set()
+    for alarm in alarms.values():
+        props = alarm["Properties"]
+        assert props["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+        stats = [m["MetricStat"]["Metric"] for m in props.get("Metrics", []) if "MetricStat" in m]
+        metrics = stats or [{"Namespace": props["Namespace"], "MetricName": props["MetricName"],
+                             "Dimensions": props["Dimensions"]}]
+        for metric in metrics:
+            watched.add((metric["Namespace"], metric["MetricName"]))
+            if metric["Namespace"] == "MLEdgeDeploy":
+                # The stage-wide dimension set chalicelib/observability.py emits.
+                assert {d["Name"] for d in metric["Dimensions"]} == {"service", "stage"}
+    assert {("AWS/SQS", "ApproximateNumberOfMessagesVisible"),
+            ("MLEdgeDeploy", "RecordsQuarantined"), ("MLEdgeDeploy", "RecordsAccepted"),
+            ("MLEdgeDeploy", "RolloutFailed"), ("MLEdgeDeploy", "RolloutRejected"),
+            ("MLEdgeDeploy", "TrainingsFailed")} <= watched
+
+
+def test_dashboard_graphs_metrics_the_code_emits(pipeline) -> None:
+    from chalicelib import observability
+
+    (dashboard,) = resources_of_type(pipeline, "AWS::CloudWatch::Dashboard").values()
+    body_template, _ = dashboard["Properties"]["DashboardBody"]["Fn::Sub"]
+    emitted = {value for name, value in vars(observability).items()
+               if name.isupper() and isinstance(value, str) and value[:1].isupper()}
+    named = set(re.findall(r'"(?:MLEdgeDeploy", |\.", )"([A-Za-z]+)"', body_template))
+    graphed = {m for m in named if m not in ("ApproximateNumberOfMessagesVisible",)}
+    assert graphed and graphed <= emitted | {f"Rollout{s}" for s in (
+        "Succeeded", "InProgress", "Queued", "Failed", "Rejected", "TimedOut")}
+    assert {"RecordsQuarantined", "DeviceAnomalies", "TrainingsStarted", "GateApproved",
+            "Releases", "ReleaseFullBytes", "RolloutSucceeded"} <= graphed
+    # The body is valid JSON once CloudFormation substitutes its variables.
+    json.loads(re.sub(r"\$\{[A-Za-z:]+\}", "x", body_template))
 
 
 def test_topic_rule_sends_the_brief_sql_to_the_telemetry_queue(pipeline) -> None:

@@ -79,7 +79,7 @@ def test_document_has_the_contract_fields_and_round_trips() -> None:
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     doc = _job().to_document()
-    doc["signature"] = "added in a later version"
+    doc["provenance"] = "added in a later version"
     doc["full"]["mirror"] = "https://example.invalid"
     doc["deltas"][0]["window_log"] = 27
     assert parse_job_document(doc).version == 3

@@ -3,6 +3,7 @@
 - `mledge_update.hashing`: SHA-256 of bytes and files.
 - `mledge_update.codecs`: delta codecs by name (`bsdiff4` baseline) and full-model encodings.
 - `mledge_update.document`: the IoT Jobs job document and the release manifest.
+- `mledge_update.signing`: release signatures (ECDSA P-256 statement, device-side verifier).
 
 The contracts cloud, device, trainer and local stack share are defined here once:
 - `mledge_update.families`: the model families and their metrics;
@@ -21,6 +22,7 @@ from .errors import (
     JobDocumentError,
     JobDocumentTooLargeError,
     PatchError,
+    SignatureError,
     UnknownCodecError,
     UnsupportedFormatError,
     UpdateFormatError,
@@ -30,6 +32,7 @@ __all__ = [
     "JobDocumentError",
     "JobDocumentTooLargeError",
     "PatchError",
+    "SignatureError",
     "UnknownCodecError",
     "UnsupportedFormatError",
     "UpdateFormatError",

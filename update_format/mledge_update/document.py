@@ -22,6 +22,7 @@ from .codecs import FULL_ENCODINGS, SUPPORTED_CODECS
 from .errors import JobDocumentError, JobDocumentTooLargeError, UnsupportedFormatError
 from .hashing import is_sha256_hex
 from .naming import MODEL_NAME
+from .signature import SIGNATURE_FIELD_MAX_CHARS, Signature
 
 OPERATION = "mledge.model-update"
 FORMAT_VERSION = 1
@@ -104,6 +105,10 @@ class UpdateJob:
     uplink: dict[str, Any] = field(default_factory=dict)
     rollback: bool = False
     format: int = FORMAT_VERSION
+    # The release the fleet leaves on a rollback (signed: a device refuses a replayed
+    # rollback from a release older than the one it runs).
+    rollback_from: int | None = None
+    signature: Signature | None = None
     health: HealthProbe | None = None
 
     def candidates(
@@ -141,23 +146,33 @@ def serialize_job_document(document: Mapping[str, Any]) -> str:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def fit_job_document(job: UpdateJob, max_chars: int = JOB_DOCUMENT_MAX_CHARS) -> dict[str, Any]:
-    """The job document, dropping the oldest deltas (lowest `from_version`) until it
-    serialises to at most `max_chars`; raises JobDocumentTooLargeError when even the
-    document without deltas is too large."""
+def fit_job(job: UpdateJob, max_chars: int = JOB_DOCUMENT_MAX_CHARS,
+            *, reserve_signature: bool = True) -> UpdateJob:
+    """`job` without its oldest deltas (lowest `from_version`) until its job document
+    serialises to at most `max_chars`, keeping room for the signature packaging adds
+    afterwards (a signature covers the deltas, so fitting comes first); raises
+    JobDocumentTooLargeError when even the document without deltas is too large."""
+    budget = max_chars - (SIGNATURE_FIELD_MAX_CHARS
+                          if reserve_signature and job.signature is None else 0)
     # Oldest base first: a device on an old version can still take the full model.
     by_age = sorted(range(len(job.deltas)), key=lambda i: job.deltas[i].from_version)
     for dropped in range(len(by_age) + 1):
         gone = set(by_age[:dropped])
-        kept = tuple(d for i, d in enumerate(job.deltas) if i not in gone)
-        document = replace(job, deltas=kept).to_document()
-        if len(serialize_job_document(document)) <= max_chars:
-            return document
+        kept = replace(job, deltas=tuple(d for i, d in enumerate(job.deltas) if i not in gone))
+        if len(serialize_job_document(kept.to_document())) <= budget:
+            return kept
     size = len(serialize_job_document(replace(job, deltas=()).to_document()))
     raise JobDocumentTooLargeError(
         f"job document for {job.model} v{job.version} is {size} characters without any "
-        f"delta; the limit is {max_chars} (shrink the smoke rows or the schema)"
+        f"delta; the limit is {max_chars}"
+        + (f" less {max_chars - budget} kept for the signature" if budget < max_chars else "")
+        + " (shrink the smoke rows or the schema)"
     )
+
+
+def fit_job_document(job: UpdateJob, max_chars: int = JOB_DOCUMENT_MAX_CHARS) -> dict[str, Any]:
+    """The job document of `fit_job(job, max_chars)` with no signature room reserved."""
+    return fit_job(job, max_chars, reserve_signature=False).to_document()
 
 
 def _artifact_location(artifact: Artifact, location: Location, path: str) -> str:
@@ -185,7 +200,7 @@ def _to_dict(job: UpdateJob, location: Location) -> dict[str, Any]:
         }
         for i, d in enumerate(job.deltas)
     ]
-    return {
+    document: dict[str, Any] = {
         "operation": OPERATION,
         "format": job.format,
         "model": job.model,
@@ -205,6 +220,11 @@ def _to_dict(job: UpdateJob, location: Location) -> dict[str, Any]:
         "uplink": job.uplink,
         **({"health": {"readings": job.health.readings}} if job.health else {}),
     }
+    if job.rollback_from is not None:
+        document["rollback_from"] = job.rollback_from
+    if job.signature is not None:
+        document["signature"] = job.signature.to_document()
+    return document
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -363,6 +383,11 @@ def _parse(doc: Any, location: Location, kind: str) -> UpdateJob:
     if not isinstance(rollback, bool):
         raise JobDocumentError("rollback", f"expected true or false, got {_shown(rollback)}")
     uplink = doc.get("uplink", {})
+    rollback_from = None
+    if doc.get("rollback_from") is not None:
+        rollback_from = _int(doc, "rollback_from", "rollback_from", 1)
+    signature = (Signature.from_document(doc["signature"])
+                 if doc.get("signature") is not None else None)
     health = None
     if doc.get("health") is not None:
         probe = _object(doc["health"], "health")
@@ -383,6 +408,8 @@ def _parse(doc: Any, location: Location, kind: str) -> UpdateJob:
         uplink=dict(_object(uplink, "uplink")),
         rollback=rollback,
         format=fmt,
+        rollback_from=rollback_from,
+        signature=signature,
         health=health,
     )
 
@@ -449,6 +476,7 @@ __all__: Sequence[str] = (
     "Smoke",
     "UpdateJob",
     "build_manifest",
+    "fit_job",
     "fit_job_document",
     "job_from_manifest",
     "parse_job_document",

@@ -34,3 +34,8 @@ class UnsupportedFormatError(JobDocumentError):
 
 class JobDocumentTooLargeError(UpdateFormatError):
     """Even with every delta dropped the job document exceeds the IoT Jobs size limit."""
+
+
+class SignatureError(UpdateFormatError):
+    """A release is unsigned, or its signature does not verify with a trusted key
+    (the device reports REJECTED and keeps its model)."""

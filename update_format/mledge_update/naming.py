@@ -111,3 +111,11 @@ def _tag_map(tags: Any) -> dict[str, str]:
     else:
         return {}
     return {k: v for k, v in pairs if isinstance(k, str) and isinstance(v, str)}
+
+
+# ------------------------------------------------- a provisioned device's files
+# Written by `mledge provision-device` (mledge_ops) and by the local stack's
+# `provision` (mledge_devstack), which share no code: the contract lives here.
+AGENT_CONFIG_FILE = "agent.json"
+# The agent's simulated sensors (mledge_edge.config.AgentConfig.sensor) by model.
+SIMULATED_SENSOR = {"vibration-anomaly": "vibration", "digits": "digits"}

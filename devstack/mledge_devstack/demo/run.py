@@ -132,6 +132,7 @@ class Fleet:
                 "--endpoint", device.thing.host, "--port", str(device.thing.port),
                 "--cert", str(device.thing.cert_path), "--key", str(device.thing.key_path),
                 "--ca", str(device.thing.ca_path), "--state-dir", str(device.state_dir),
+                "--release-keys", str(device.thing.release_keys_path),
                 "--rate", f"{rate:.4f}", "--stats-interval", "1",
             ]
             device.process = ManagedProcess(
