@@ -117,6 +117,18 @@ def receiver_service(node: ast.expr) -> str | None:
     return None
 
 
+def call_site(node: ast.AST, relative: str, function: str) -> CallSite | None:
+    """The AWS client call `node` is (`<client>.<method>(...)`), or None."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+        return None
+    service = receiver_service(node.func.value)
+    if not service:
+        return None
+    first = node.args[0] if node.args else None
+    literal = first.value if isinstance(first, ast.Constant) and isinstance(first.value, str) else None
+    return CallSite(relative, node.lineno, function, service, node.func.attr, literal)
+
+
 def scan_calls(path: Path, relative: str | None = None) -> list[CallSite]:
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     relative = relative or path.relative_to(REPO).as_posix()
@@ -127,14 +139,9 @@ def scan_calls(path: Path, relative: str | None = None) -> list[CallSite]:
             inner = function
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
                 inner = child.name
-            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
-                service = receiver_service(child.func.value)
-                if service:
-                    first = child.args[0] if child.args else None
-                    literal = (first.value if isinstance(first, ast.Constant)
-                               and isinstance(first.value, str) else None)
-                    sites.append(CallSite(relative, child.lineno, inner, service,
-                                          child.func.attr, literal))
+            site = call_site(child, relative, inner)
+            if site:
+                sites.append(site)
             visit(child, inner)
 
     visit(tree, "<module>")
@@ -331,17 +338,7 @@ def scan_node(module: str, node: ast.AST) -> list[CallSite]:
     """The AWS client calls in one function (and the functions nested in it)."""
     relative = code_index()[module].path.relative_to(REPO).as_posix()
     name = getattr(node, "name", "<module>")
-    sites = []
-    for child in ast.walk(node):
-        if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
-            service = receiver_service(child.func.value)
-            if service:
-                first = child.args[0] if child.args else None
-                literal = (first.value if isinstance(first, ast.Constant)
-                           and isinstance(first.value, str) else None)
-                sites.append(CallSite(relative, child.lineno, name, service,
-                                      child.func.attr, literal))
-    return sites
+    return [site for child in ast.walk(node) if (site := call_site(child, relative, name))]
 
 
 # ------------------------------------------------------------ functions --
